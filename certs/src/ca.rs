@@ -1,0 +1,205 @@
+//! The certificate authority: a self-signed ECDSA P-256 root that issues workload certificates.
+
+use std::fmt;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::cert::{self, Part, fmt_time};
+use crate::error::{Error, Problem};
+use crate::id::check_trust_domain;
+use crate::{SpiffeId, TrustBundle, WorkloadCert, pemfile};
+
+/// File names of a CA directory (Istio's plugged-in CA names).
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+/// Istio's default self-signed root lifetime.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this far in the past so peers whose clocks lag slightly accept them.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// A CA that signs workload certificates for one trust domain.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+    bundle: TrustBundle,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// A new self-signed root for `trust_domain`: subject `O=<td>` (as Istio's) and URI SAN
+    /// `spiffe://<td>`, valid for ten years.
+    pub fn generate(trust_domain: &str) -> Result<Self, Error> {
+        check_trust_domain(trust_domain).map_err(|reason| Error::InvalidSpiffeId {
+            input: format!("spiffe://{trust_domain}"),
+            reason,
+        })?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name = dn;
+        params.subject_alt_names =
+            vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = (now + ROOT_TTL).into();
+        let cert = params.self_signed(&key)?.der().clone();
+        let bundle = TrustBundle::from_der(vec![cert.clone()])?;
+        Ok(CertificateAuthority {
+            issuer: Issuer::new(params, key),
+            cert,
+            bundle,
+        })
+    }
+
+    /// Loads `ca-cert.pem` and `ca-key.pem`. Refuses a certificate that is garbled, expired, not
+    /// a CA or names no trust domain, and a key that does not match it.
+    pub fn load(cert_pem: &Path, key_pem: &Path) -> Result<Self, Error> {
+        let cert_name = cert_pem.display();
+        let certs = pemfile::certs_from_pem(&pemfile::read(cert_pem)?, &cert_name)?;
+        let cert = certs
+            .into_iter()
+            .next()
+            .ok_or_else(|| Problem::Missing("CERTIFICATE").in_file(&cert_name))?;
+        let x509 = cert::parse(&cert).map_err(|p| p.in_file(&cert_name))?;
+        match x509.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca => {}
+            _ => return Err(Problem::NotCa.in_file(&cert_name)),
+        }
+        let (not_before, not_after) = cert::validity(&x509);
+        let now = SystemTime::now();
+        if now >= not_after {
+            return Err(Problem::Expired(fmt_time(not_after)).in_file(&cert_name));
+        }
+        if now < not_before {
+            return Err(Problem::NotYetValid(fmt_time(not_before)).in_file(&cert_name));
+        }
+
+        let key_name = key_pem.display();
+        let key_bytes = pemfile::read(key_pem)?;
+        let key_str = std::str::from_utf8(&key_bytes)
+            .map_err(|_| Problem::Pem("not UTF-8 text".into()).in_file(&key_name))?;
+        let key = KeyPair::from_pem(key_str).map_err(|e| match e {
+            rcgen::Error::PemError(_) => Problem::Pem(e.to_string()).in_file(&key_name),
+            _ => Problem::Key(e.to_string()).in_file(&key_name),
+        })?;
+        if key.public_key_raw() != x509.public_key().subject_public_key.data.as_ref() {
+            return Err(Problem::KeyMismatch.in_file(&key_name));
+        }
+
+        let bundle = TrustBundle::from_der_named(vec![cert.clone()], &cert_name)?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)
+            .map_err(|e| Problem::Malformed(e.to_string()).in_file(&cert_name))?;
+        Ok(CertificateAuthority {
+            issuer,
+            cert,
+            bundle,
+        })
+    }
+
+    /// Loads `ca-cert.pem` and `ca-key.pem` from `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self, Error> {
+        Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+    }
+
+    /// Writes `ca-cert.pem`, `ca-key.pem` (0600) and `root-cert.pem` (the bundle workloads
+    /// trust) into `dir`, creating it if needed.
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        fs::create_dir_all(dir).map_err(|e| Problem::Io(e).in_file(dir.display()))?;
+        let cert_pem = pemfile::encode_certs(std::slice::from_ref(&self.cert));
+        pemfile::write(
+            &dir.join(CA_CERT_FILE),
+            cert_pem.as_bytes(),
+            pemfile::CERT_MODE,
+        )?;
+        pemfile::write(
+            &dir.join(CA_KEY_FILE),
+            self.issuer.key().serialize_pem().as_bytes(),
+            pemfile::KEY_MODE,
+        )?;
+        self.bundle.write(&dir.join(cert::ROOT_CERT_FILE))
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        self.bundle.trust_domain()
+    }
+
+    /// The CA certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// A bundle holding just this CA's certificate.
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.bundle.clone()
+    }
+
+    /// Issues a certificate for `id`, valid from now (less a minute for clock skew) for `ttl`.
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, Error> {
+        let now = SystemTime::now();
+        self.issue_with_validity(id, now - CLOCK_SKEW, now + ttl)
+    }
+
+    /// Issues a certificate with an explicit validity window (tests use one in the past).
+    ///
+    /// The certificate is what Istio issues: ECDSA P-256, empty subject, the SPIFFE ID as the
+    /// only (critical) SAN, keyUsage digitalSignature + keyEncipherment, extKeyUsage serverAuth +
+    /// clientAuth, CA:FALSE.
+    pub fn issue_with_validity(
+        &self,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, Error> {
+        id.validate()?;
+        if id.trust_domain != self.trust_domain() {
+            return Err(Error::ForeignTrustDomain {
+                id: id.to_string(),
+                expected: self.trust_domain().to_owned(),
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let leaf = params.signed_by(&key, &self.issuer)?.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        WorkloadCert::from_parts(vec![leaf], key).map_err(|p| match p {
+            // Only a bug here could produce a certificate we cannot read back.
+            Part::Chain(p) | Part::Key(p) => Error::Certificate(p),
+        })
+    }
+}

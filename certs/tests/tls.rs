@@ -1,0 +1,257 @@
+//! Real TLS handshakes between `server_config` and `client_config`, accepted and refused.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use certs::tls::{self, StaticCert};
+use certs::{CertificateAuthority, IdentityManager, SpiffeId, TrustBundle, peer_identity};
+use common::{handshake, ping, server_refused};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls::{HandshakeKind, ProtocolVersion, SignatureScheme};
+
+const TTL: Duration = Duration::from_secs(3600);
+
+fn id(td: &str, ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(td, ns, sa)
+}
+
+fn manager(ca: &Arc<CertificateAuthority>, bundle: TrustBundle) -> IdentityManager {
+    IdentityManager::new(ca.clone(), bundle, TTL)
+}
+
+fn ca(td: &str) -> Arc<CertificateAuthority> {
+    Arc::new(CertificateAuthority::generate(td).expect("generate CA"))
+}
+
+/// Roots of several CAs, the first naming the bundle's trust domain.
+fn bundle(cas: &[&Arc<CertificateAuthority>]) -> TrustBundle {
+    TrustBundle::from_der(cas.iter().map(|c| c.cert().clone()).collect()).expect("bundle")
+}
+
+#[tokio::test]
+async fn handshake_succeeds_and_both_sides_see_the_peer() {
+    let ca = ca("cluster.local");
+    let m = manager(&ca, ca.trust_bundle());
+    let server_id = id("cluster.local", "istio-system", "waypoint");
+    let client_id = id("cluster.local", "default", "sleep");
+    let server = m.server_config(&server_id).unwrap();
+    // Several acceptable identities: one match is enough.
+    let expected = [id("cluster.local", "other", "x"), server_id.clone()];
+    let client = m.client_config(&client_id, &expected).unwrap();
+
+    let (c, s) = handshake(client.clone(), server.clone()).await;
+    let (mut c, mut s) = (c.expect("client"), s.expect("server"));
+    let (_, cs) = c.get_ref();
+    let (_, ss) = s.get_ref();
+    assert_eq!(
+        peer_identity(cs.peer_certificates().unwrap()).unwrap(),
+        server_id
+    );
+    assert_eq!(
+        peer_identity(ss.peer_certificates().unwrap()).unwrap(),
+        client_id
+    );
+
+    // Istio's HBONE parameters.
+    assert_eq!(cs.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+    assert_eq!(cs.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(ss.alpn_protocol(), Some(&b"h2"[..]));
+    let suite = cs.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    assert_eq!(ss.server_name(), None, "client must not send SNI");
+    ping(&mut c, &mut s, b"hello").await;
+
+    // No resumption: a second connection is a full handshake.
+    let (c2, s2) = handshake(client, server).await;
+    let c2 = c2.expect("second client");
+    s2.expect("second server");
+    assert_eq!(c2.get_ref().1.handshake_kind(), Some(HandshakeKind::Full));
+}
+
+#[test]
+fn configs_are_tls13_only_with_hbone_suites() {
+    let ca = ca("cluster.local");
+    let m = manager(&ca, ca.trust_bundle());
+    let me = id("cluster.local", "a", "b");
+    let client = m.client_config(&me, std::slice::from_ref(&me)).unwrap();
+    let server = m.server_config(&me).unwrap();
+    for cfg in [client.crypto_provider(), server.crypto_provider()] {
+        let suites: Vec<_> = cfg.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            [
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            ]
+        );
+    }
+    assert!(!client.enable_sni);
+    assert_eq!(client.alpn_protocols, [b"h2".to_vec()]);
+    assert_eq!(server.alpn_protocols, [b"h2".to_vec()]);
+    assert!(matches!(
+        m.client_config(&me, &[]),
+        Err(certs::Error::NoExpectedServer)
+    ));
+}
+
+#[tokio::test]
+async fn client_from_another_ca_is_refused() {
+    let ca1 = ca("cluster.local");
+    // A rogue CA claiming the same trust domain.
+    let ca2 = ca("cluster.local");
+    let server_id = id("cluster.local", "ns", "server");
+    let server = manager(&ca1, ca1.trust_bundle())
+        .server_config(&server_id)
+        .unwrap();
+    // The client trusts the real server, but its own certificate comes from ca2.
+    let client = manager(&ca2, bundle(&[&ca2, &ca1]))
+        .client_config(&id("cluster.local", "ns", "client"), &[server_id])
+        .unwrap();
+    let err = server_refused(handshake(client, server).await).await;
+    // Same issuer name as the real CA, so webpki finds "its" issuer and the signature fails.
+    assert!(err.contains("BadSignature"), "{err}");
+
+    // A CA with another name: no issuer found at all.
+    let ca3 = ca("other.local");
+    let server = manager(&ca1, ca1.trust_bundle())
+        .server_config(&server_id_again())
+        .unwrap();
+    let client = manager(&ca3, bundle(&[&ca3, &ca1]))
+        .client_config(&id("other.local", "ns", "client"), &[server_id_again()])
+        .unwrap();
+    let err = server_refused(handshake(client, server).await).await;
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+fn server_id_again() -> SpiffeId {
+    id("cluster.local", "ns", "server")
+}
+
+#[derive(Debug)]
+struct NoCert;
+
+impl ResolvesClientCert for NoCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let ca = ca("cluster.local");
+    let server_id = id("cluster.local", "ns", "server");
+    let server = manager(&ca, ca.trust_bundle())
+        .server_config(&server_id)
+        .unwrap();
+    let client = tls::client_config(Arc::new(NoCert), &ca.trust_bundle(), &[server_id]).unwrap();
+    let err = server_refused(handshake(client, server).await).await;
+    assert!(err.contains("peer sent no certificates"), "{err}");
+}
+
+#[tokio::test]
+async fn server_outside_expected_set_is_refused() {
+    let ca = ca("cluster.local");
+    let m = manager(&ca, ca.trust_bundle());
+    let server = m
+        .server_config(&id("cluster.local", "ns", "impostor"))
+        .unwrap();
+    let client = m
+        .client_config(
+            &id("cluster.local", "ns", "client"),
+            &[id("cluster.local", "ns", "server")],
+        )
+        .unwrap();
+    let (c, s) = handshake(client, server).await;
+    let err = c.expect_err("client must refuse").to_string();
+    assert!(err.contains("not among the expected"), "{err}");
+    assert!(
+        err.contains("spiffe://cluster.local/ns/ns/sa/impostor"),
+        "{err}"
+    );
+    assert!(s.is_err(), "server sees the alert");
+}
+
+#[tokio::test]
+async fn client_from_foreign_trust_domain_is_refused() {
+    let local = ca("cluster.local");
+    let foreign = ca("other.local");
+    let server_id = id("cluster.local", "ns", "server");
+    // The server's bundle trusts the foreign root (a shared or federated root), so the chain
+    // verifies; only the trust-domain check can refuse.
+    let server = manager(&local, bundle(&[&local, &foreign]))
+        .server_config(&server_id)
+        .unwrap();
+    let client = manager(&foreign, bundle(&[&foreign, &local]))
+        .client_config(
+            &id("other.local", "ns", "client"),
+            std::slice::from_ref(&server_id),
+        )
+        .unwrap();
+    let err = server_refused(handshake(client, server.clone()).await).await;
+    assert!(
+        err.contains("\"other.local\" is not \"cluster.local\""),
+        "{err}"
+    );
+
+    // Control: a local client passes the same server.
+    let client = manager(&local, bundle(&[&local, &foreign]))
+        .client_config(&id("cluster.local", "ns", "client"), &[server_id])
+        .unwrap();
+    let (c, s) = handshake(client, server).await;
+    c.expect("client");
+    s.expect("server");
+}
+
+#[tokio::test]
+async fn expired_certificates_are_refused() {
+    let ca = ca("cluster.local");
+    let b = ca.trust_bundle();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let server_id = id("cluster.local", "ns", "server");
+    let client_id = id("cluster.local", "ns", "client");
+    let expired_server = ca
+        .issue_with_validity(&server_id, now - 2 * hour, now - hour)
+        .unwrap();
+    let expired_client = ca
+        .issue_with_validity(&client_id, now - 2 * hour, now - hour)
+        .unwrap();
+    let good = manager(&ca, b.clone());
+
+    // Expired server certificate: the client refuses.
+    let server = tls::server_config(StaticCert::new(&expired_server), &b, "cluster.local").unwrap();
+    let client = good
+        .client_config(&client_id, std::slice::from_ref(&server_id))
+        .unwrap();
+    let (c, _) = handshake(client, server).await;
+    let err = c.expect_err("client must refuse").to_string();
+    assert!(err.contains("certificate expired"), "{err}");
+
+    // Expired client certificate: the server refuses.
+    let server = good.server_config(&server_id).unwrap();
+    let client = tls::client_config(StaticCert::new(&expired_client), &b, &[server_id]).unwrap();
+    let err = server_refused(handshake(client, server).await).await;
+    assert!(err.contains("certificate expired"), "{err}");
+}
+
+#[tokio::test]
+async fn static_certs_interoperate_with_managed_ones() {
+    let ca = ca("cluster.local");
+    let b = ca.trust_bundle();
+    let server_id = id("cluster.local", "ns", "server");
+    let cert = ca.issue(&server_id, TTL).unwrap();
+    let server = tls::server_config(StaticCert::new(&cert), &b, "cluster.local").unwrap();
+    let client = manager(&ca, b)
+        .client_config(&id("cluster.local", "ns", "client"), &[server_id])
+        .unwrap();
+    let (c, s) = handshake(client, server).await;
+    let (mut c, mut s) = (c.unwrap(), s.unwrap());
+    assert_eq!(c.get_ref().1.peer_certificates().unwrap()[0], *cert.leaf());
+    ping(&mut c, &mut s, b"x").await;
+}
