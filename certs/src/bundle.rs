@@ -1,5 +1,6 @@
 //! Trust bundles: the set of root certificates peers' chains must lead to.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,9 +19,13 @@ use crate::pemfile;
 ///
 /// The first root names the mesh trust domain ([`TrustBundle::trust_domain`]): its
 /// `spiffe://<td>` URI SAN, or failing that its `O=` attribute (Istio's self-signed roots carry
-/// only `O=<trust domain>`). Further roots are trusted for chain building whatever they name;
-/// peers are still held to the trust domain separately, because one root may sign for several
-/// trust domains.
+/// only `O=<trust domain>`).
+///
+/// Every root is trusted only for the trust domains it names itself (all its `spiffe://<td>` URI
+/// SANs, else its `O=`); a root that names none is taken to be the bundle's own (the operator
+/// put it into this trust domain's bundle). Peers are verified against the roots of the trust
+/// domain of the identity they claim ([`TrustBundle::root_store_for`]), so a federated root in
+/// the bundle cannot sign identities of our trust domain.
 #[derive(Clone)]
 pub struct TrustBundle {
     inner: Arc<Inner>,
@@ -29,6 +34,8 @@ pub struct TrustBundle {
 struct Inner {
     roots: Vec<CertificateDer<'static>>,
     store: Arc<RootCertStore>,
+    /// Roots per trust domain they vouch for.
+    by_domain: BTreeMap<String, Arc<RootCertStore>>,
     trust_domain: String,
 }
 
@@ -37,6 +44,7 @@ impl fmt::Debug for TrustBundle {
         f.debug_struct("TrustBundle")
             .field("trust_domain", &self.inner.trust_domain)
             .field("roots", &self.inner.roots.len())
+            .field("trust_domains", &self.inner.by_domain.keys())
             .finish()
     }
 }
@@ -69,9 +77,21 @@ impl TrustBundle {
         let first = roots.first().ok_or(Problem::Missing("CERTIFICATE"))?;
         let trust_domain = trust_domain_of_root(&cert::parse(first)?)?;
         let mut store = RootCertStore::empty();
+        let mut by_domain: BTreeMap<String, RootCertStore> = BTreeMap::new();
         for root in &roots {
             // Parse each with x509-parser too, so a garbled later root is reported, not skipped.
-            cert::parse(root)?;
+            let x509 = cert::parse(root)?;
+            let mut domains = trust_domains_of_root(&x509)?;
+            if domains.is_empty() {
+                domains.push(trust_domain.clone());
+            }
+            for domain in domains {
+                by_domain
+                    .entry(domain)
+                    .or_insert_with(RootCertStore::empty)
+                    .add(root.clone())
+                    .map_err(|e| Problem::Malformed(e.to_string()))?;
+            }
             store
                 .add(root.clone())
                 .map_err(|e| Problem::Malformed(e.to_string()))?;
@@ -80,6 +100,10 @@ impl TrustBundle {
             inner: Arc::new(Inner {
                 roots,
                 store: Arc::new(store),
+                by_domain: by_domain
+                    .into_iter()
+                    .map(|(domain, store)| (domain, Arc::new(store)))
+                    .collect(),
                 trust_domain,
             }),
         })
@@ -94,9 +118,22 @@ impl TrustBundle {
         &self.inner.trust_domain
     }
 
-    /// The roots as a rustls store (shared, built once).
+    /// All roots as a rustls store (shared, built once), whatever trust domain they vouch for.
+    ///
+    /// Verifying a SPIFFE peer against this store lets any root sign any identity; use
+    /// [`root_store_for`](Self::root_store_for) with the trust domain the peer claims instead.
     pub fn root_store(&self) -> &Arc<RootCertStore> {
         &self.inner.store
+    }
+
+    /// The roots that vouch for `trust_domain`, or `None` when the bundle has none.
+    pub fn root_store_for(&self, trust_domain: &str) -> Option<&Arc<RootCertStore>> {
+        self.inner.by_domain.get(trust_domain)
+    }
+
+    /// Every trust domain some root of the bundle vouches for, sorted.
+    pub fn trust_domains(&self) -> impl Iterator<Item = &str> {
+        self.inner.by_domain.keys().map(String::as_str)
     }
 
     /// The roots as PEM, e.g. for `root-cert.pem`.
@@ -110,20 +147,35 @@ impl TrustBundle {
     }
 }
 
-/// `spiffe://<td>` URI SAN (the SPIFFE convention for CA certificates), else `O=<td>` (Istio's).
+/// The trust domain a root names first: see [`trust_domains_of_root`]; an error when it names
+/// none.
 fn trust_domain_of_root(x509: &X509Certificate<'_>) -> Result<String, Problem> {
+    trust_domains_of_root(x509)?
+        .into_iter()
+        .next()
+        .ok_or(Problem::NoTrustDomain)
+}
+
+/// Every `spiffe://<td>` URI SAN (the SPIFFE convention for CA certificates), in order; if there
+/// are none, the first valid `O=<td>` (Istio's self-signed roots); possibly nothing.
+fn trust_domains_of_root(x509: &X509Certificate<'_>) -> Result<Vec<String>, Problem> {
+    let mut domains: Vec<String> = Vec::new();
     for uri in uri_sans(x509)? {
         if let Some(td) = uri.strip_prefix("spiffe://") {
             let td = td.strip_suffix('/').unwrap_or(td);
-            if check_trust_domain(td).is_ok() {
-                return Ok(td.to_owned());
+            if check_trust_domain(td).is_ok() && !domains.iter().any(|d| d == td) {
+                domains.push(td.to_owned());
             }
         }
     }
-    x509.subject()
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok())
-        .find(|o| check_trust_domain(o).is_ok())
-        .map(str::to_owned)
-        .ok_or(Problem::NoTrustDomain)
+    if domains.is_empty()
+        && let Some(o) = x509
+            .subject()
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok())
+            .find(|o| check_trust_domain(o).is_ok())
+    {
+        domains.push(o.to_owned());
+    }
+    Ok(domains)
 }

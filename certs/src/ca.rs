@@ -16,9 +16,12 @@ use crate::error::{Error, Problem};
 use crate::id::check_trust_domain;
 use crate::{SpiffeId, TrustBundle, WorkloadCert, pemfile};
 
-/// File names of a CA directory (Istio's plugged-in CA names).
+/// File names of a CA directory (Istio's plugged-in CA names: `ca-cert.pem`, `ca-key.pem`,
+/// `cert-chain.pem`, `root-cert.pem`).
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// In a CA directory: the CA certificate followed by its issuers up to the root.
+pub const CA_CHAIN_FILE: &str = crate::cert::CERT_CHAIN_FILE;
 
 /// Istio's default self-signed root lifetime.
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -26,9 +29,17 @@ const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 /// A CA that signs workload certificates for one trust domain.
+///
+/// Either a self-signed root ([`generate`](Self::generate)) or a loaded CA, which may be an
+/// intermediate (Istio's plugged-in CA): then issued chains carry the CA certificate and its
+/// issuers below the root ([`chain`](Self::chain)), so peers that trust only the root can
+/// verify them.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
+    /// What issued chains carry after the leaf: empty for a root; for an intermediate, the CA
+    /// certificate and then its issuers, without self-signed roots.
+    chain: Vec<CertificateDer<'static>>,
     bundle: TrustBundle,
 }
 
@@ -69,19 +80,25 @@ impl CertificateAuthority {
         Ok(CertificateAuthority {
             issuer: Issuer::new(params, key),
             cert,
+            chain: Vec::new(),
             bundle,
         })
     }
 
     /// Loads `ca-cert.pem` and `ca-key.pem`. Refuses a certificate that is garbled, expired, not
     /// a CA or names no trust domain, and a key that does not match it.
+    ///
+    /// Certificates after the first in `ca-cert.pem` are taken as the CA's issuers (see
+    /// [`chain`](Self::chain)); [`load_dir`](Self::load_dir) also reads them from
+    /// `cert-chain.pem`.
     pub fn load(cert_pem: &Path, key_pem: &Path) -> Result<Self, Error> {
         let cert_name = cert_pem.display();
-        let certs = pemfile::certs_from_pem(&pemfile::read(cert_pem)?, &cert_name)?;
-        let cert = certs
-            .into_iter()
-            .next()
-            .ok_or_else(|| Problem::Missing("CERTIFICATE").in_file(&cert_name))?;
+        let mut certs = pemfile::certs_from_pem(&pemfile::read(cert_pem)?, &cert_name)?;
+        if certs.is_empty() {
+            return Err(Problem::Missing("CERTIFICATE").in_file(&cert_name));
+        }
+        let issuers = certs.split_off(1);
+        let cert = certs.remove(0);
         let x509 = cert::parse(&cert).map_err(|p| p.in_file(&cert_name))?;
         match x509.basic_constraints() {
             Ok(Some(bc)) if bc.value.ca => {}
@@ -108,23 +125,77 @@ impl CertificateAuthority {
             return Err(Problem::KeyMismatch.in_file(&key_name));
         }
 
+        let root = is_self_signed(&x509);
         let bundle = TrustBundle::from_der_named(vec![cert.clone()], &cert_name)?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)
             .map_err(|e| Problem::Malformed(e.to_string()).in_file(&cert_name))?;
-        Ok(CertificateAuthority {
+        let mut ca = CertificateAuthority {
             issuer,
             cert,
+            chain: Vec::new(),
             bundle,
-        })
+        };
+        if !root {
+            ca.set_issuers(issuers, &cert_name)?;
+        }
+        Ok(ca)
     }
 
-    /// Loads `ca-cert.pem` and `ca-key.pem` from `dir`.
+    /// Loads `ca-cert.pem` and `ca-key.pem` from `dir`, and for an intermediate CA its issuers
+    /// from `cert-chain.pem` when that starts with the CA certificate (Istio's plugged-in CA
+    /// layout; a `cert-chain.pem` that does not is someone else's and is ignored).
     pub fn load_dir(dir: &Path) -> Result<Self, Error> {
-        Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+        let mut ca = Self::load(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))?;
+        let chain_path = dir.join(CA_CHAIN_FILE);
+        if ca.is_root() || !chain_path.exists() {
+            return Ok(ca);
+        }
+        let chain_name = chain_path.display();
+        let mut chain = pemfile::certs_from_pem(&pemfile::read(&chain_path)?, &chain_name)?;
+        if chain.first() != Some(&ca.cert) {
+            tracing::warn!(
+                file = %chain_name,
+                "does not start with the CA certificate; not used as the CA's chain"
+            );
+            return Ok(ca);
+        }
+        let issuers = chain.split_off(1);
+        ca.set_issuers(issuers, &chain_name)?;
+        Ok(ca)
+    }
+
+    /// The chain issued certificates carry after the leaf: the CA certificate and its issuers
+    /// for an intermediate CA (self-signed roots left out: peers have them), for a root nothing.
+    fn set_issuers(
+        &mut self,
+        issuers: Vec<CertificateDer<'static>>,
+        source: &impl fmt::Display,
+    ) -> Result<(), Error> {
+        let mut chain = vec![self.cert.clone()];
+        for cert in issuers {
+            let x509 = cert::parse(&cert).map_err(|p| p.in_file(source))?;
+            if !is_self_signed(&x509) {
+                chain.push(cert.clone());
+            }
+        }
+        self.chain = chain;
+        Ok(())
+    }
+
+    /// Whether this CA is a self-signed root (issued chains are then just the leaf).
+    pub fn is_root(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// What issued chains carry after the leaf: nothing for a root CA; for an intermediate CA,
+    /// its own certificate and then its issuers below the root.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// Writes `ca-cert.pem`, `ca-key.pem` (0600) and `root-cert.pem` (the bundle workloads
-    /// trust) into `dir`, creating it if needed.
+    /// trust) into `dir`, creating it if needed; for an intermediate CA also `cert-chain.pem`
+    /// (the CA certificate and its issuers, as [`chain`](Self::chain)).
     pub fn write(&self, dir: &Path) -> Result<(), Error> {
         fs::create_dir_all(dir).map_err(|e| Problem::Io(e).in_file(dir.display()))?;
         let cert_pem = pemfile::encode_certs(std::slice::from_ref(&self.cert));
@@ -138,6 +209,13 @@ impl CertificateAuthority {
             self.issuer.key().serialize_pem().as_bytes(),
             pemfile::KEY_MODE,
         )?;
+        if !self.chain.is_empty() {
+            pemfile::write(
+                &dir.join(CA_CHAIN_FILE),
+                pemfile::encode_certs(&self.chain).as_bytes(),
+                pemfile::CERT_MODE,
+            )?;
+        }
         self.bundle.write(&dir.join(cert::ROOT_CERT_FILE))
     }
 
@@ -197,9 +275,18 @@ impl CertificateAuthority {
         params.not_after = not_after.into();
         let leaf = params.signed_by(&key, &self.issuer)?.der().clone();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        WorkloadCert::from_parts(vec![leaf], key).map_err(|p| match p {
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(leaf);
+        chain.extend(self.chain.iter().cloned());
+        WorkloadCert::from_parts(chain, key).map_err(|p| match p {
             // Only a bug here could produce a certificate we cannot read back.
             Part::Chain(p) | Part::Key(p) => Error::Certificate(p),
         })
     }
+}
+
+/// Subject and issuer are the same name: a root (or at least not something a peer can chain
+/// further from).
+fn is_self_signed(x509: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    x509.subject().as_raw() == x509.issuer().as_raw()
 }

@@ -126,17 +126,22 @@ impl WorkloadCert {
             .ok_or(Problem::Missing("CERTIFICATE"))?;
         let parsed =
             ParsedCertificate::try_from(leaf).map_err(|e| Problem::Malformed(e.to_string()))?;
+        // Only roots vouching for the identity's own trust domain count (see `TrustBundle`).
+        let td = &self.id.trust_domain;
+        let roots = bundle.root_store_for(td).ok_or_else(|| {
+            Problem::Untrusted(format!("no root for trust domain {td:?} in the bundle"))
+        })?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            bundle.root_store(),
+            roots,
             intermediates,
             UnixTime::now(),
             tls::provider().signature_verification_algorithms.all,
         )
         .map_err(|e| Problem::Untrusted(e.to_string()))?;
-        if self.id.trust_domain != bundle.trust_domain() {
+        if *td != bundle.trust_domain() {
             return Err(Problem::ForeignTrustDomain {
-                found: self.id.trust_domain.clone(),
+                found: td.clone(),
                 expected: bundle.trust_domain().to_owned(),
             });
         }

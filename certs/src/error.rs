@@ -29,6 +29,10 @@ pub enum Error {
         expected: Vec<String>,
     },
 
+    /// The trust bundle holds no root for the trust domain a peer must be verified in.
+    #[error("the trust bundle has no root for trust domain {trust_domain:?}")]
+    NoTrustAnchor { trust_domain: String },
+
     /// A client config needs at least one acceptable server identity.
     #[error("no expected server identity given: every server would be refused")]
     NoExpectedServer,

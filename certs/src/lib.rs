@@ -14,6 +14,7 @@
 //! | `ca-key.pem` | same, mode 0600 | the CA's PKCS#8 private key |
 //! | `root-cert.pem` | `certs init`, `certs issue` | the trust bundle: one or more roots (several during a CA rotation) |
 //! | `cert-chain.pem` | `certs issue`, [`WorkloadCert::write`] | workload leaf first, then any intermediates |
+//! | `cert-chain.pem` in a CA directory | the operator (plugged-in intermediate CA) | the CA certificate, then its issuers up to the root |
 //! | `key.pem` | same, mode 0600 | the workload's PKCS#8 private key |
 //!
 //! Files are written atomically (temp file + rename); keys are created 0600, never chmod-ed
@@ -32,12 +33,15 @@
 //! Both sides: TLS 1.3 only, AES-256-GCM / AES-128-GCM, ALPN `h2`, aws-lc-rs; the local
 //! certificate is resolved per handshake, so rotation never touches live connections.
 //! - **Server** ([`IdentityManager::server_config`]): a client certificate is mandatory; rustls'
-//!   webpki verifier checks its chain to the [`TrustBundle`], validity and clientAuth EKU; then the
-//!   first URI SAN must be a SPIFFE ID whose trust domain is the server's own.
-//! - **Client** ([`IdentityManager::client_config`]): the server chain is verified with
-//!   `verify_server_cert_signed_by_trust_anchor` (chain, validity, serverAuth EKU); the DNS name is
-//!   not checked, instead one of the server's URI SANs must be in the expected set. No SNI is
-//!   sent and sessions are never resumed.
+//!   webpki verifier checks its chain, validity and clientAuth EKU against the [`TrustBundle`]'s
+//!   roots for the trust domain its first URI SAN claims; that trust domain must be the server's
+//!   own.
+//! - **Client** ([`IdentityManager::client_config`]): one of the server's URI SANs must be in the
+//!   expected set, and the chain is verified with `verify_server_cert_signed_by_trust_anchor`
+//!   (chain, validity, serverAuth EKU) against the bundle's roots for that identity's trust
+//!   domain. The DNS name is not checked. No SNI is sent and sessions are never resumed.
+//! - Roots vouch only for the trust domains they name ([`TrustBundle`]): a federated root in the
+//!   bundle cannot sign identities of ours.
 //! - Handshake signatures are checked with the provider's `verify_tls13_signature`.
 //!
 //! # Example
@@ -59,8 +63,12 @@
 //! After the handshake, `certs::peer_identity(conn.peer_certificates().unwrap_or_default())`
 //! gives the authenticated peer.
 //!
-//! Not done: revocation (certificates are short-lived instead), intermediate CAs in
-//! [`CertificateAuthority`] (it is a root; loaded chains with intermediates are verified fine).
+//! A loaded [`CertificateAuthority`] may be an intermediate (Istio's plugged-in CA layout:
+//! `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem` = CA certificate then its issuers,
+//! `root-cert.pem` = the root): issued chains then carry the CA certificate and its issuers below
+//! the root.
+//!
+//! Not done: revocation (certificates are short-lived instead).
 
 mod bundle;
 mod ca;
@@ -72,7 +80,7 @@ mod pemfile;
 pub mod tls;
 
 pub use bundle::TrustBundle;
-pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority};
+pub use ca::{CA_CERT_FILE, CA_CHAIN_FILE, CA_KEY_FILE, CertificateAuthority};
 pub use cert::{
     CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, WorkloadCert, identity_of, peer_identity,
 };

@@ -121,7 +121,8 @@ fn bundle_for(ca: &CertificateAuthority, ca_dir: &Path) -> anyhow::Result<TrustB
             ca.trust_domain()
         );
     }
-    if !bundle.roots().contains(ca.cert()) {
+    // An intermediate CA is not in the bundle; `issue` verifies what it hands out instead.
+    if ca.is_root() && !bundle.roots().contains(ca.cert()) {
         bail!("{}: does not contain the CA certificate", path.display());
     }
     Ok(bundle)

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, TryLockError, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -10,6 +10,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::cert::fmt_time;
@@ -23,7 +24,10 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// its lifetime by a background task on the current tokio runtime. Clone-able handle.
 ///
 /// Without a tokio runtime at first use, renewal happens lazily instead: the first lookup past
-/// half life re-issues inline.
+/// half life re-issues inline. Lookups also take over when the background task is gone (its
+/// runtime shut down) or late by more than a grace period, so renewal never silently stops.
+/// Renewal is single-flight: concurrent handshakes past half life mint one certificate, not one
+/// each; the others keep using the current (still valid) one meanwhile.
 #[derive(Clone)]
 pub struct IdentityManager {
     inner: Arc<Inner>,
@@ -60,7 +64,9 @@ impl IdentityManager {
                 "CA and trust bundle name different trust domains"
             );
         }
-        if !bundle.roots().contains(ca.cert()) {
+        // An intermediate CA's certificate is not a root; its issued chains are checked by
+        // whoever verifies them.
+        if ca.is_root() && !bundle.roots().contains(ca.cert()) {
             warn!(
                 "trust bundle does not contain the CA certificate: peers using it will refuse ours"
             );
@@ -105,9 +111,6 @@ impl IdentityManager {
         source: &SpiffeId,
         expected_server: &[SpiffeId],
     ) -> Result<Arc<ClientConfig>, Error> {
-        if expected_server.is_empty() {
-            return Err(Error::NoExpectedServer);
-        }
         let slot = self.slot(source)?;
         tls::client_config(
             Arc::new(Rotating(slot)),
@@ -129,16 +132,18 @@ impl IdentityManager {
         // one identity when callers race.
         let cert = self.inner.ca.issue(id, self.inner.ttl)?;
         info!(%id, not_after = fmt_time(cert.not_after), "issued workload certificate");
-        let runtime = tokio::runtime::Handle::try_current().ok();
         let slot = Arc::new(Slot {
             id: id.clone(),
             ca: self.inner.ca.clone(),
             ttl: self.inner.ttl,
             cert: ArcSwap::from_pointee(Issued::new(cert, self.inner.ttl)),
-            background: runtime.is_some(),
+            renewing: Mutex::new(()),
+            refresher: OnceLock::new(),
         });
-        if let Some(rt) = runtime {
-            rt.spawn(refresh(Arc::downgrade(&slot)));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let task = rt.spawn(refresh(Arc::downgrade(&slot)));
+            // Set once, right after creation; nothing else can have set it.
+            let _ = slot.refresher.set(task);
         }
         slots.insert(id.clone(), slot.clone());
         Ok(slot)
@@ -151,8 +156,19 @@ struct Slot {
     ca: Arc<CertificateAuthority>,
     ttl: Duration,
     cert: ArcSwap<Issued>,
-    /// A background task renews this slot; otherwise `current` does.
-    background: bool,
+    /// Held while minting, so one renewal runs at a time.
+    renewing: Mutex<()>,
+    /// The background task renewing this slot, if a runtime was there to run it.
+    refresher: OnceLock<JoinHandle<()>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Otherwise the task sleeps until the next half life before noticing the slot is gone.
+        if let Some(task) = self.refresher.get() {
+            task.abort();
+        }
+    }
 }
 
 struct Issued {
@@ -171,11 +187,18 @@ impl Issued {
     }
 }
 
+/// How late the background renewal may be before lookups renew inline: a tenth of the
+/// lifetime, so inline renewal still happens well before expiry (at 60% of the lifetime).
+fn grace(ttl: Duration) -> Duration {
+    ttl / 10
+}
+
 impl Slot {
     fn current(&self) -> Arc<WorkloadCert> {
         let issued = self.cert.load();
-        if !self.background
-            && SystemTime::now() >= issued.refresh_at
+        let now = SystemTime::now();
+        if now >= issued.refresh_at
+            && self.renews_inline(now, issued.refresh_at)
             && let Some(cert) = self.renew()
         {
             return cert;
@@ -183,7 +206,29 @@ impl Slot {
         issued.cert.clone()
     }
 
+    /// Whether a lookup past `refresh_at` should renew itself rather than leave it to the task.
+    fn renews_inline(&self, now: SystemTime, refresh_at: SystemTime) -> bool {
+        match self.refresher.get() {
+            None => true,
+            // A runtime that shut down takes its tasks with it.
+            Some(task) if task.is_finished() => true,
+            Some(_) => now >= refresh_at + grace(self.ttl),
+        }
+    }
+
+    /// Mints a new certificate unless another caller is doing so (then `None`: keep using the
+    /// current one) or just did (then that one).
     fn renew(&self) -> Option<Arc<WorkloadCert>> {
+        let _minting = match self.renewing.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let issued = self.cert.load();
+        if SystemTime::now() < issued.refresh_at {
+            // Renewed by whoever held the lock before us.
+            return Some(issued.cert.clone());
+        }
         match self.ca.issue(&self.id, self.ttl) {
             Ok(cert) => {
                 info!(id = %self.id, not_after = fmt_time(cert.not_after), "rotated workload certificate");
@@ -210,8 +255,10 @@ async fn refresh(slot: Weak<Slot>) {
         };
         tokio::time::sleep(wait).await;
         let Some(s) = slot.upgrade() else { return };
-        if s.renew().is_none() {
-            // The CA is local, so failure is unlikely to clear fast; retry well before expiry.
+        let renewed = s.renew().is_some();
+        if !renewed && SystemTime::now() >= s.cert.load().refresh_at {
+            // Failed (or a lookup is minting right now): the CA is local, so failure is
+            // unlikely to clear fast; retry well before expiry.
             let retry = (s.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(30));
             drop(s);
             tokio::time::sleep(retry).await;

@@ -3,9 +3,9 @@
 //! reader never sees half a file.
 
 use std::fmt::Display;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rustls_pki_types::pem::{self, PemObject};
@@ -70,35 +70,77 @@ pub(crate) fn encode_key(key: &PrivateKeyDer<'_>) -> String {
 }
 
 /// Writes `contents` to `path` atomically with `mode`.
+///
+/// The temporary file gets an unpredictable name and is created with `O_EXCL` (tempfile's
+/// `NamedTempFile`), so a symlink planted in the directory cannot redirect the write; its mode is
+/// set before anything is written, and it is renamed over `path` only once complete and synced.
 pub(crate) fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
     let io = |e| Problem::Io(e).in_file(path.display());
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io(std::io::Error::other("not a file path")))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // `mode` only applies when the file is created; a stale temp file keeps its old mode.
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if path.file_name().is_none() {
+        return Err(io(std::io::Error::other("not a file path")));
     }
-    result.map_err(io)
+    // Created 0600 by tempfile; a certificate is then opened up to `mode`, still before writing.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".certs-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    tmp.write_all(contents).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    // On failure the temporary file is removed when the returned error's file handle drops.
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, symlink};
+
+    use super::*;
+
+    #[test]
+    fn planted_symlinks_are_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").expect("write victim");
+        // The names the old implementation used, and a symlink at the target itself.
+        let target = dir.path().join("key.pem");
+        for name in [
+            format!(".key.pem.tmp.{}", std::process::id()),
+            ".certs-key.tmp".to_owned(),
+        ] {
+            symlink(&victim, dir.path().join(name)).expect("plant symlink");
+        }
+        write(&target, b"secret key", KEY_MODE).expect("write");
+        assert_eq!(fs::read(&victim).expect("victim"), b"precious");
+        assert_eq!(fs::read(&target).expect("target"), b"secret key");
+        let meta = fs::symlink_metadata(&target).expect("meta");
+        assert!(meta.file_type().is_file(), "target must be a regular file");
+        assert_eq!(meta.mode() & 0o777, KEY_MODE);
+
+        // A symlink at the target is replaced, not written through.
+        let linked = dir.path().join("cert.pem");
+        symlink(&victim, &linked).expect("symlink");
+        write(&linked, b"cert", CERT_MODE).expect("write");
+        assert_eq!(fs::read(&victim).expect("victim"), b"precious");
+        assert_eq!(
+            fs::symlink_metadata(&linked).expect("meta").mode() & 0o777,
+            CERT_MODE
+        );
+        // Only the two written files, the victim and the planted links remain: no temp files.
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && !n.starts_with(".certs-key"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 }

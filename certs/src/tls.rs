@@ -5,6 +5,7 @@
 //! The certificate is supplied by a resolver that rustls asks on every handshake, so a rotated
 //! certificate is used by the next handshake while established connections carry on.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
@@ -19,7 +20,7 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -46,18 +47,44 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Server side of HBONE: presents the certificate `certs` resolves, requires a client
-/// certificate that chains to `bundle` and whose SPIFFE trust domain is `trust_domain`.
+/// certificate whose SPIFFE trust domain is `trust_domain` and that chains to one of `bundle`'s
+/// roots for that trust domain ([`TrustBundle::root_store_for`]).
+///
+/// Fails with [`Error::NoTrustAnchor`] when the bundle has no root for `trust_domain`.
 pub fn server_config(
     certs: Arc<dyn ResolvesServerCert>,
     bundle: &TrustBundle,
     trust_domain: &str,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let chain =
-        WebPkiClientVerifier::builder_with_provider(bundle.root_store().clone(), provider())
+    if bundle.root_store_for(trust_domain).is_none() {
+        return Err(Error::NoTrustAnchor {
+            trust_domain: trust_domain.to_owned(),
+        });
+    }
+    // One webpki verifier per trust domain, over that domain's roots only. Foreign clients are
+    // refused whatever their chain; verifying it first just tells "unknown issuer" apart from
+    // "foreign trust domain" in the error.
+    let mut chains = HashMap::new();
+    for domain in bundle.trust_domains() {
+        let roots = bundle
+            .root_store_for(domain)
+            .ok_or_else(|| Error::NoTrustAnchor {
+                trust_domain: domain.to_owned(),
+            })?;
+        let chain = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
+        chains.insert(domain.to_owned(), chain);
+    }
+    let own = chains
+        .get(trust_domain)
+        .cloned()
+        .ok_or_else(|| Error::NoTrustAnchor {
+            trust_domain: trust_domain.to_owned(),
+        })?;
     let verifier = Arc::new(TrustDomainVerifier {
-        chain,
+        own,
+        chains,
         trust_domain: trust_domain.to_owned(),
     });
     let mut cfg = ServerConfig::builder_with_provider(provider())
@@ -72,8 +99,11 @@ pub fn server_config(
 }
 
 /// Client side of HBONE: presents the certificate `certs` resolves, accepts the server only if
-/// its chain verifies against `bundle` and one of its URI SANs is in `expected_server`.
+/// one of its URI SANs is in `expected_server` and its chain verifies against `bundle`'s roots
+/// for that identity's trust domain.
 /// The `ServerName` passed to rustls is not checked (and no SNI is sent): pass any, e.g. the IP.
+///
+/// Fails with [`Error::NoExpectedServer`] when `expected_server` is empty.
 pub fn client_config(
     certs: Arc<dyn ResolvesClientCert>,
     bundle: &TrustBundle,
@@ -83,7 +113,7 @@ pub fn client_config(
         return Err(Error::NoExpectedServer);
     }
     let verifier = Arc::new(IdentityVerifier {
-        roots: bundle.root_store().clone(),
+        bundle: bundle.clone(),
         expected: expected_server.to_vec(),
     });
     let mut cfg = ClientConfig::builder_with_provider(provider())
@@ -144,10 +174,46 @@ impl fmt::Display for Rejected {
 
 impl std::error::Error for Rejected {}
 
-/// Verifies a server: chain to the bundle (webpki, serverAuth EKU, validity), then SPIFFE ID.
+// Handshake signatures, shared by both verifiers. TLS 1.2 is unreachable with our TLS 1.3-only
+// configs; it is verified properly anyway rather than accepted.
+
+fn verify_tls12(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls12_signature(
+        message,
+        cert,
+        dss,
+        &PROVIDER.signature_verification_algorithms,
+    )
+}
+
+fn verify_tls13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &PROVIDER.signature_verification_algorithms,
+    )
+}
+
+fn verify_schemes() -> Vec<SignatureScheme> {
+    PROVIDER
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
+/// Verifies a server: one of its URI SANs must be an expected identity, and the chain must lead
+/// (webpki: signatures, serverAuth EKU, validity) to a root of that identity's trust domain.
 #[derive(Debug)]
 struct IdentityVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: TrustBundle,
     expected: Vec<SpiffeId>,
 }
 
@@ -160,29 +226,48 @@ impl ServerCertVerifier for IdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            PROVIDER.signature_verification_algorithms.all,
-        )?;
         let x509 = cert::parse(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let sans = uri_sans(&x509).map_err(|p| reject(Error::Certificate(p)))?;
-        let matched = sans
-            .iter()
-            .filter_map(|u| u.parse::<SpiffeId>().ok())
-            .any(|id| self.expected.contains(&id));
-        if matched {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(reject(Error::UnexpectedServer {
+        let mut domains: Vec<&str> = Vec::new();
+        for id in sans.iter().filter_map(|u| u.parse::<SpiffeId>().ok()) {
+            if let Some(expected) = self.expected.iter().find(|e| **e == id)
+                && !domains.contains(&expected.trust_domain.as_str())
+            {
+                domains.push(&expected.trust_domain);
+            }
+        }
+        if domains.is_empty() {
+            return Err(reject(Error::UnexpectedServer {
                 found: sans.iter().map(|s| s.to_string()).collect(),
                 expected: self.expected.iter().map(ToString::to_string).collect(),
-            }))
+            }));
         }
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        // Only roots of the claimed identity's trust domain may vouch for it. A certificate
+        // naming expected identities of several trust domains needs to verify in one of them.
+        let mut refusal = None;
+        for domain in domains {
+            let Some(roots) = self.bundle.root_store_for(domain) else {
+                refusal = Some(reject(Error::NoTrustAnchor {
+                    trust_domain: domain.to_owned(),
+                }));
+                continue;
+            };
+            match verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                roots,
+                intermediates,
+                now,
+                PROVIDER.signature_verification_algorithms.all,
+            ) {
+                Ok(()) => return Ok(ServerCertVerified::assertion()),
+                Err(e) => refusal = Some(e),
+            }
+        }
+        Err(refusal.unwrap_or(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        )))
     }
 
     fn verify_tls12_signature(
@@ -191,13 +276,7 @@ impl ServerCertVerifier for IdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Unreachable with TLS 1.3-only configs; verify properly anyway rather than accept.
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
+        verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -206,25 +285,22 @@ impl ServerCertVerifier for IdentityVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
+        verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        PROVIDER
-            .signature_verification_algorithms
-            .supported_schemes()
+        verify_schemes()
     }
 }
 
-/// Verifies a client: rustls' webpki client verifier (chain, clientAuth EKU, validity), then
-/// the first URI SAN must be a SPIFFE ID in our trust domain.
+/// Verifies a client: rustls' webpki client verifier over the roots of the trust domain the
+/// client's first URI SAN claims (chain, clientAuth EKU, validity), then that trust domain must
+/// be ours.
 struct TrustDomainVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
+    /// The verifier over our own trust domain's roots (for the root hints).
+    own: Arc<dyn ClientCertVerifier>,
+    /// A verifier per trust domain of the bundle, each over that domain's roots only.
+    chains: HashMap<String, Arc<dyn ClientCertVerifier>>,
     trust_domain: String,
 }
 
@@ -246,7 +322,7 @@ impl ClientCertVerifier for TrustDomainVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
+        self.own.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -255,9 +331,14 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
         let id = cert::identity_of(end_entity).map_err(reject)?;
+        let chain = self
+            .chains
+            .get(&id.trust_domain)
+            .ok_or(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ))?;
+        chain.verify_client_cert(end_entity, intermediates, now)?;
         if id.trust_domain != self.trust_domain {
             return Err(reject(Error::Certificate(Problem::ForeignTrustDomain {
                 found: id.trust_domain,
@@ -273,12 +354,7 @@ impl ClientCertVerifier for TrustDomainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
+        verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -287,17 +363,10 @@ impl ClientCertVerifier for TrustDomainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &PROVIDER.signature_verification_algorithms,
-        )
+        verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        PROVIDER
-            .signature_verification_algorithms
-            .supported_schemes()
+        verify_schemes()
     }
 }

@@ -162,3 +162,83 @@ fn bundle_with_several_roots_trusts_each() {
             .unwrap();
     }
 }
+
+/// Istio's plugged-in CA layout with an intermediate: ca-cert.pem (intermediate), ca-key.pem,
+/// cert-chain.pem (intermediate, root), root-cert.pem (root).
+#[test]
+fn intermediate_ca_puts_its_chain_into_issued_certificates() {
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root = rcgen::CertificateParams::default();
+    root.distinguished_name = rcgen::DistinguishedName::new();
+    root.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "cluster.local");
+    root.distinguished_name
+        .push(rcgen::DnType::CommonName, "Root CA");
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let root_issuer = rcgen::Issuer::new(root, root_key);
+
+    let mid_key = rcgen::KeyPair::generate().unwrap();
+    let mut mid = rcgen::CertificateParams::default();
+    mid.distinguished_name = rcgen::DistinguishedName::new();
+    mid.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "cluster.local");
+    mid.distinguished_name
+        .push(rcgen::DnType::CommonName, "Intermediate CA");
+    mid.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local".try_into().unwrap(),
+    )];
+    mid.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    mid.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let mid_pem = mid.signed_by(&mid_key, &root_issuer).unwrap().pem();
+
+    let id = SpiffeId::new("cluster.local", "ns", "sa");
+    let roots = TrustBundle::from_pem(root_pem.as_bytes(), "root-cert.pem").unwrap();
+    for layout in ["cert-chain.pem", "ca-cert.pem with chain"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("ca-key.pem"), mid_key.serialize_pem()).unwrap();
+        std::fs::write(d.join("root-cert.pem"), &root_pem).unwrap();
+        if layout == "cert-chain.pem" {
+            std::fs::write(d.join("ca-cert.pem"), &mid_pem).unwrap();
+            std::fs::write(d.join("cert-chain.pem"), format!("{mid_pem}{root_pem}")).unwrap();
+        } else {
+            std::fs::write(d.join("ca-cert.pem"), format!("{mid_pem}{root_pem}")).unwrap();
+        }
+        let ca = CertificateAuthority::load_dir(d).unwrap();
+        assert!(!ca.is_root(), "{layout}");
+        // The intermediate, without the self-signed root.
+        assert_eq!(ca.chain(), std::slice::from_ref(ca.cert()), "{layout}");
+        let cert = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(cert.chain.len(), 2, "{layout}");
+        assert_eq!(&cert.chain[1], ca.cert(), "{layout}");
+        // Peers that trust only the root accept it; without the intermediate they could not.
+        cert.verify(&roots).unwrap();
+        let mut bare = cert.clone();
+        bare.chain.truncate(1);
+        assert!(bare.verify(&roots).is_err(), "{layout}");
+    }
+
+    // A cert-chain.pem that does not start with the CA certificate (e.g. a workload's) is not
+    // taken as the CA's chain.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("ca-key.pem"), mid_key.serialize_pem()).unwrap();
+    std::fs::write(d.join("ca-cert.pem"), &mid_pem).unwrap();
+    std::fs::write(d.join("cert-chain.pem"), &root_pem).unwrap();
+    let ca = CertificateAuthority::load_dir(d).unwrap();
+    assert_eq!(ca.chain(), std::slice::from_ref(ca.cert()));
+
+    // A self-signed CA issues bare leaves, as before.
+    let root_ca = CertificateAuthority::generate("cluster.local").unwrap();
+    assert!(root_ca.is_root());
+    assert_eq!(
+        root_ca
+            .issue(&id, Duration::from_secs(60))
+            .unwrap()
+            .chain
+            .len(),
+        1
+    );
+}

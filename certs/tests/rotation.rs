@@ -95,3 +95,72 @@ fn without_a_runtime_renews_lazily() {
     let second = rt.block_on(m.fetch(&server_id)).unwrap();
     assert_ne!(second.leaf(), first.leaf());
 }
+
+#[test]
+fn renewal_survives_the_runtime_that_started_it() {
+    let (m, server_id, _) = setup();
+    // The background task lives on a runtime that then shuts down with the task.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let first = rt.block_on(async {
+        m.server_config(&server_id).unwrap();
+        m.fetch(&server_id).await.unwrap()
+    });
+    drop(rt);
+
+    // Past half life plus the grace period (a tenth of the lifetime): lookups renew inline.
+    std::thread::sleep(MIN_TTL / 2 + MIN_TTL / 10 + Duration::from_millis(100));
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let second = other.block_on(m.fetch(&server_id)).unwrap();
+    assert_ne!(
+        second.leaf(),
+        first.leaf(),
+        "renewal stopped with the runtime"
+    );
+    assert!(second.not_after > first.not_after);
+}
+
+#[test]
+fn concurrent_lookups_past_half_life_mint_one_certificate() {
+    let (m, server_id, _) = setup();
+    // No runtime: every lookup past half life would renew inline.
+    m.server_config(&server_id).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let first = rt.block_on(m.fetch(&server_id)).unwrap();
+    std::thread::sleep(MIN_TTL / 2 + Duration::from_millis(100));
+
+    const THREADS: usize = 8;
+    let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (m, id, barrier) = (m.clone(), server_id.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                barrier.wait();
+                rt.block_on(m.fetch(&id)).unwrap().leaf().clone()
+            })
+        })
+        .collect();
+    let mut leaves: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    leaves.push(rt.block_on(m.fetch(&server_id)).unwrap().leaf().clone());
+    let mut new: Vec<&[u8]> = leaves
+        .iter()
+        .filter(|l| *l != first.leaf())
+        .map(|l| l.as_ref())
+        .collect();
+    new.sort();
+    new.dedup();
+    // Lookups that overlapped the minting kept the old certificate; everyone else got the one
+    // new certificate.
+    assert_eq!(new.len(), 1, "{} certificates minted", new.len());
+}

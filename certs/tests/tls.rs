@@ -255,3 +255,141 @@ async fn static_certs_interoperate_with_managed_ones() {
     assert_eq!(c.get_ref().1.peer_certificates().unwrap()[0], *cert.leaf());
     ping(&mut c, &mut s, b"x").await;
 }
+
+/// A resolver over a certificate built outside the crate (by rcgen directly).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Fixed {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A CA for `other.local` (URI SAN `spiffe://other.local`, `O=other.local`), built with rcgen so
+/// nothing stops it from signing identities of another trust domain, and a leaf it signed for
+/// `leaf_id`. Returns the root and the leaf as rustls wants it.
+fn forged(leaf_id: &SpiffeId) -> (rustls::pki_types::CertificateDer<'static>, Arc<Fixed>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "other.local");
+    ca.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://other.local".try_into().unwrap(),
+    )];
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let root = ca.self_signed(&ca_key).unwrap().der().clone();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(leaf_id.to_string().try_into().unwrap())];
+    leaf.is_ca = rcgen::IsCa::ExplicitNoCa;
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap().der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let certified = CertifiedKey::from_der(vec![leaf], key, &tls::provider()).unwrap();
+    (root, Arc::new(Fixed(Arc::new(certified))))
+}
+
+#[tokio::test]
+async fn foreign_root_cannot_sign_our_trust_domain() {
+    let local = ca("cluster.local");
+    let server_id = id("cluster.local", "ns", "server");
+
+    // A client claiming our trust domain, signed by the federated other.local root that the
+    // server's bundle trusts (for other.local).
+    let (foreign_root, forged_client) = forged(&id("cluster.local", "ns", "client"));
+    let both = TrustBundle::from_der(vec![local.cert().clone(), foreign_root.clone()]).unwrap();
+    assert_eq!(
+        both.trust_domains().collect::<Vec<_>>(),
+        ["cluster.local", "other.local"]
+    );
+    let server = manager(&local, both.clone())
+        .server_config(&server_id)
+        .unwrap();
+    let client = tls::client_config(
+        forged_client,
+        &local.trust_bundle(),
+        std::slice::from_ref(&server_id),
+    )
+    .unwrap();
+    let err = server_refused(handshake(client, server.clone()).await).await;
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    // A server claiming our trust domain, signed by the same kind of root the client trusts.
+    let (foreign_root, forged_server) = forged(&server_id);
+    let both = TrustBundle::from_der(vec![local.cert().clone(), foreign_root]).unwrap();
+    let forged_server = tls::server_config(forged_server, &both, "cluster.local").unwrap();
+    let client = manager(&local, both.clone())
+        .client_config(
+            &id("cluster.local", "ns", "client"),
+            std::slice::from_ref(&server_id),
+        )
+        .unwrap();
+    let (c, _) = handshake(client.clone(), forged_server).await;
+    let err = c.expect_err("client must refuse").to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    // Control: the genuine server passes the same client, with the same bundle.
+    let genuine = manager(&local, both).server_config(&server_id).unwrap();
+    let (c, s) = handshake(client, genuine).await;
+    c.expect("client");
+    s.expect("server");
+}
+
+#[tokio::test]
+async fn federated_identity_verifies_against_its_own_roots() {
+    let local = ca("cluster.local");
+    let other_server = id("other.local", "ns", "server");
+    let (foreign_root, foreign_server) = forged(&other_server);
+    let both = TrustBundle::from_der(vec![local.cert().clone(), foreign_root]).unwrap();
+    // The client expects the other.local server explicitly: its root vouches for it.
+    let server = tls::server_config(
+        foreign_server,
+        &TrustBundle::from_der(vec![local.cert().clone()]).unwrap(),
+        "cluster.local",
+    )
+    .unwrap();
+    let client = manager(&local, both.clone())
+        .client_config(&id("cluster.local", "ns", "client"), &[other_server])
+        .unwrap();
+    let (c, s) = handshake(client, server).await;
+    let c = c.expect("client accepts the federated server");
+    s.expect("server");
+    assert_eq!(
+        peer_identity(c.get_ref().1.peer_certificates().unwrap()).unwrap(),
+        id("other.local", "ns", "server")
+    );
+
+    // A bundle without any root for our own trust domain cannot make a server config.
+    let (only_foreign, _) = forged(&id("other.local", "ns", "x"));
+    let foreign_bundle = TrustBundle::from_der(vec![only_foreign]).unwrap();
+    assert!(matches!(
+        tls::server_config(
+            StaticCert::new(&local.issue(&id("cluster.local", "ns", "s"), TTL).unwrap()),
+            &foreign_bundle,
+            "cluster.local"
+        ),
+        Err(certs::Error::NoTrustAnchor { .. })
+    ));
+}

@@ -435,6 +435,49 @@ async fn inbound_tcp_is_captured_except_hbone() -> Result<()> {
     .await
 }
 
+/// With the rules in place conntrack tracks every connection in the pod, so `SO_ORIGINAL_DST`
+/// answers even for connections that were never redirected, with the listener's own address.
+/// `original_dst` must refuse those, or ztunnel would dial itself in a loop.
+#[tokio::test]
+async fn direct_connections_to_capture_ports_have_no_original_destination() -> Result<()> {
+    if !lab_enabled() {
+        return Ok(());
+    }
+    let lab = PodLab::new()?;
+    bounded(async {
+        install(&lab, &CaptureConfig::default()).await?;
+        let outbound = capture_listener(&lab.pod_ns, 15001).await?;
+        let inbound = capture_listener(&lab.pod_ns, 15006).await?;
+
+        // A process in the pod dialling the outbound port on loopback (not captured: `-o lo`).
+        for dst in ["127.0.0.1:15001", "[::1]:15001"] {
+            let dst = addr(dst);
+            let _client = connect_in(&lab.pod_ns, dst, None).await?;
+            let (server, _) = accept_within(&outbound, Duration::from_secs(5))
+                .await
+                .with_context(|| format!("direct connection to {dst} not accepted"))?;
+            match original_dst(&server) {
+                Ok(original) => bail!("{dst}: got original destination {original}"),
+                Err(e) => ensure!(inpod::is_not_redirected(&e), "{dst}: unexpected error {e}"),
+            }
+        }
+
+        // A peer dialling the inbound port on the pod's address: REDIRECT maps it onto itself.
+        let dst = SocketAddr::new(lab.pod.ip(), 15006);
+        let _client = connect_in(&lab.web_ns, dst, None).await?;
+        let (server, _) = accept_within(&inbound, Duration::from_secs(5))
+            .await
+            .context("direct connection to the inbound port not accepted")?;
+        let err = original_dst(&server).expect_err("not redirected");
+        ensure!(inpod::is_not_redirected(&err), "unexpected error {err}");
+
+        // Control: a captured connection still reports where it was going.
+        assert_captured(&lab, &outbound, addr(&format!("{WEB_V4}:80"))).await?;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn removed_rules_stop_capturing() -> Result<()> {
     if !lab_enabled() {
@@ -483,16 +526,17 @@ async fn netns_handle_sockets_live_in_their_namespace() -> Result<()> {
         let target = addr(&format!("127.0.0.1:{port}"));
         let client = connect_in(&handle, target, None).await?;
         ensure!(socket_netns_id(&client)? == handle.id());
-        let (_accepted, _) = accept_within(&listener, Duration::from_secs(5))
+        let (accepted, _) = accept_within(&listener, Duration::from_secs(5))
             .await
             .context("accept in pod")?;
-        if TcpStream::connect(target).await.is_ok() {
-            // Only possible if the host happens to listen on the same port.
-            let check = tokio::net::TcpListener::bind(target).await;
-            ensure!(
-                check.is_err(),
-                "connected to the pod's loopback from the host"
-            );
+        ensure!(socket_netns_id(&accepted)? == handle.id());
+        // The same address dialled from the host lands in the host's namespace (refused, or some
+        // host listener that happens to use the port), never on the pod's listener.
+        if let Ok(from_host) = TcpStream::connect(target).await {
+            ensure!(socket_netns_id(&from_host)? == host.id());
+        }
+        if let Some((_, peer)) = accept_within(&listener, QUIET).await {
+            bail!("the pod's listener accepted {peer} from the host's namespace");
         }
 
         // Commands started through the handle run in the namespace too.

@@ -14,10 +14,13 @@
 //!   answer within the timeout → SERVFAIL.
 //! - Malformed input never stops the server: datagrams too short for a DNS header are dropped,
 //!   undecodable messages with a readable header get FORMERR, non-QUERY opcodes NOTIMP.
+//! - DNS responses (QR=1) sent to the proxy are dropped without a reply: answering them would
+//!   let two servers bounce messages between them forever, or reflect spoofed traffic.
 //!
 //! The table is consulted on every query, so configuration changes apply at once; nothing is
-//! cached. Upstream queries leave through sockets from an [`UpstreamSocketFactory`] so the caller
-//! can create them in the pod's namespace with ztunnel's mark (0x539); otherwise the pod's DNS
+//! cached. Upstream queries leave through sockets from an [`AsyncUpstreamSocketFactory`] (or a
+//! synchronous [`UpstreamSocketFactory`], which runs on the Tokio worker) so the caller can
+//! create them in the pod's namespace with ztunnel's mark (0x539); otherwise the pod's DNS
 //! redirect would capture the proxy's own queries. The waypoint must not use this proxy for its
 //! own lookups (it would resolve external hosts to their VIPs and loop).
 //!
@@ -31,7 +34,8 @@ mod upstream;
 pub use names::{LOCAL_TTL_SECS, NameTable, PodDnsContext};
 pub use server::DnsProxy;
 pub use upstream::{
-    DEFAULT_UPSTREAM_TIMEOUT, DefaultSocketFactory, ResolvConf, UpstreamSocketFactory, Upstreams,
+    AsyncUpstreamSocketFactory, DEFAULT_UPSTREAM_TIMEOUT, DefaultSocketFactory, ResolvConf,
+    SocketFuture, UpstreamSocketFactory, Upstreams,
 };
 
 use std::path::PathBuf;

@@ -117,7 +117,12 @@ impl RequestHandler for Handler {
         // hickory-server already dropped undecodable datagrams and answered FORMERR where it
         // could read a header; what is left is a well-formed message.
         if request.metadata.message_type != MessageType::Query {
-            return send_error(request, response_handle, ResponseCode::FormErr).await;
+            // A response (QR=1) sent to us. Answering it, even with FORMERR, lets two servers
+            // bounce messages between them forever and reflects spoofed traffic: drop it. (The
+            // hickory-server version we use drops these before calling us; this does not rely
+            // on that.)
+            debug!(target: "dns", src = %request.src(), id = request.metadata.id, "dropped a DNS response sent to the proxy");
+            return not_sent(&request.metadata);
         }
         if request.metadata.op_code != OpCode::Query {
             return send_error(request, response_handle, ResponseCode::NotImp).await;
@@ -255,6 +260,16 @@ async fn send_error<R: ResponseHandler>(
     send(response_handle, response, &request.metadata).await
 }
 
+/// What to report for a request that gets no reply.
+fn not_sent(request: &Metadata) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(request);
+    metadata.response_code = ResponseCode::Refused;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
 async fn send<'a, R: ResponseHandler>(
     mut response_handle: R,
     response: hickory_server::zone_handler::MessageResponse<
@@ -278,5 +293,83 @@ async fn send<'a, R: ResponseHandler>(
                 counts: HeaderCounts::default(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::{Name, RecordType};
+    use hickory_resolver::net::NetError;
+    use hickory_resolver::net::runtime::TokioTime;
+    use hickory_resolver::net::xfer::Protocol;
+    use hickory_server::zone_handler::MessageResponse;
+
+    use super::*;
+
+    /// Counts what the handler sends.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<AtomicUsize>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Recorder {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(ResponseInfo::from(Header {
+                metadata: *response.metadata(),
+                counts: HeaderCounts::default(),
+            }))
+        }
+    }
+
+    fn handler() -> Handler {
+        let proxy = DnsProxy::new(
+            Arc::new(|_: &str| None),
+            Upstreams::new(vec![]),
+            PodDnsContext::new("default"),
+        )
+        .expect("proxy");
+        Handler { inner: proxy.inner }
+    }
+
+    fn request(message_type: MessageType) -> Request {
+        let mut message = Message::query();
+        message.metadata.id = 0x4242;
+        message.metadata.message_type = message_type;
+        message.queries.push(Query::query(
+            Name::from_ascii("example.com.").expect("name"),
+            RecordType::A,
+        ));
+        let src: SocketAddr = "127.0.0.1:5353".parse().expect("addr");
+        Request::from_bytes(message.to_vec().expect("encode"), src, Protocol::Udp).expect("request")
+    }
+
+    #[tokio::test]
+    async fn responses_sent_to_the_proxy_get_no_reply() {
+        let handler = handler();
+        let sent = Recorder::default();
+        handler
+            .handle_request::<_, TokioTime>(&request(MessageType::Response), sent.clone())
+            .await;
+        assert_eq!(sent.0.load(Ordering::SeqCst), 0, "a response was answered");
+
+        // Control: a query through the same handler is answered (SERVFAIL: no upstreams).
+        handler
+            .handle_request::<_, TokioTime>(&request(MessageType::Query), sent.clone())
+            .await;
+        assert_eq!(sent.0.load(Ordering::SeqCst), 1);
     }
 }

@@ -4,9 +4,10 @@
 //! UDP answer makes the client retry over TCP and we follow), and the upstream's answer is
 //! relayed as is: rcode (NXDOMAIN, SERVFAIL, …), flags and all three record sections.
 //!
-//! Upstream sockets come from an [`UpstreamSocketFactory`]: ztunnel creates them inside the
-//! pod's network namespace with its mark (0x539) so that the pod's own DNS redirect rules do not
-//! capture the proxy's queries back into itself.
+//! Upstream sockets come from an [`AsyncUpstreamSocketFactory`] (any synchronous
+//! [`UpstreamSocketFactory`] is one): ztunnel creates them inside the pod's network namespace
+//! with its mark (0x539) so that the pod's own DNS redirect rules do not capture the proxy's
+//! queries back into itself.
 
 use std::fmt;
 use std::future::Future;
@@ -34,16 +35,87 @@ use crate::Error;
 /// per-try timeout so that the client sees our SERVFAIL rather than its own timeout.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// Creates the sockets the proxy uses to reach upstream resolvers.
+/// Creates the sockets the proxy uses to reach upstream resolvers, synchronously.
 ///
 /// Called on a Tokio worker thread for every forwarded UDP query and every upstream TCP
-/// connection, so it must be quick (hopping to a thread parked in a network namespace is fine).
+/// connection, so it must be quick. Hopping to a thread parked in a network namespace and
+/// waiting for it blocks that worker meanwhile; implement [`AsyncUpstreamSocketFactory`] instead
+/// to wait without blocking (e.g. with `inpod::NetnsHandle::run`). Every implementation of this
+/// trait is also an [`AsyncUpstreamSocketFactory`], whose futures are ready at once.
 pub trait UpstreamSocketFactory: Send + Sync + 'static {
     /// A UDP socket bound to `local` (an unspecified address of the upstream's family, port 0).
     fn udp_bind(&self, local: SocketAddr) -> io::Result<std::net::UdpSocket>;
 
     /// An unconnected TCP socket of `peer`'s address family.
     fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket>;
+}
+
+/// The future an [`AsyncUpstreamSocketFactory`] returns.
+pub type SocketFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Creates the sockets the proxy uses to reach upstream resolvers, asynchronously: what the
+/// proxy uses internally.
+///
+/// For factories that must wait for something (a namespace's thread, a privileged helper)
+/// without blocking a Tokio worker. The proxy awaits these futures within the query's upstream
+/// timeout. Synchronous [`UpstreamSocketFactory`] implementations get this trait for free; the
+/// method names differ so that both traits can be in scope without ambiguity.
+///
+/// ```
+/// use std::{io, net::SocketAddr};
+/// use dns_proxy::{AsyncUpstreamSocketFactory, SocketFuture};
+///
+/// struct OnTheBlockingPool;
+///
+/// impl AsyncUpstreamSocketFactory for OnTheBlockingPool {
+///     fn udp_bind_async(&self, local: SocketAddr) -> SocketFuture<'_, std::net::UdpSocket> {
+///         Box::pin(async move {
+///             tokio::task::spawn_blocking(move || std::net::UdpSocket::bind(local))
+///                 .await
+///                 .map_err(io::Error::other)?
+///         })
+///     }
+///
+///     fn tcp_socket_async(&self, peer: SocketAddr) -> SocketFuture<'_, tokio::net::TcpSocket> {
+///         Box::pin(async move {
+///             if peer.is_ipv4() {
+///                 tokio::net::TcpSocket::new_v4()
+///             } else {
+///                 tokio::net::TcpSocket::new_v6()
+///             }
+///         })
+///     }
+/// }
+/// ```
+pub trait AsyncUpstreamSocketFactory: Send + Sync + 'static {
+    /// A UDP socket bound to `local` (an unspecified address of the upstream's family, port 0).
+    fn udp_bind_async(&self, local: SocketAddr) -> SocketFuture<'_, std::net::UdpSocket>;
+
+    /// An unconnected TCP socket of `peer`'s address family.
+    fn tcp_socket_async(&self, peer: SocketAddr) -> SocketFuture<'_, tokio::net::TcpSocket>;
+}
+
+impl<F: UpstreamSocketFactory> AsyncUpstreamSocketFactory for F {
+    fn udp_bind_async(&self, local: SocketAddr) -> SocketFuture<'_, std::net::UdpSocket> {
+        Box::pin(std::future::ready(self.udp_bind(local)))
+    }
+
+    fn tcp_socket_async(&self, peer: SocketAddr) -> SocketFuture<'_, tokio::net::TcpSocket> {
+        Box::pin(std::future::ready(self.tcp_socket(peer)))
+    }
+}
+
+/// A shared synchronous factory, adapted to the async trait through the blanket impl.
+struct Blocking(Arc<dyn UpstreamSocketFactory>);
+
+impl UpstreamSocketFactory for Blocking {
+    fn udp_bind(&self, local: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        self.0.udp_bind(local)
+    }
+
+    fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        self.0.tcp_socket(peer)
+    }
 }
 
 /// Sockets in the caller's current network namespace, optionally with `SO_MARK`.
@@ -104,7 +176,7 @@ impl UpstreamSocketFactory for DefaultSocketFactory {
 pub struct Upstreams {
     servers: Vec<SocketAddr>,
     timeout: Duration,
-    socket_factory: Arc<dyn UpstreamSocketFactory>,
+    socket_factory: Arc<dyn AsyncUpstreamSocketFactory>,
 }
 
 impl fmt::Debug for Upstreams {
@@ -139,8 +211,19 @@ impl Upstreams {
         self
     }
 
-    /// Where upstream sockets come from (see [`UpstreamSocketFactory`]).
+    /// Where upstream sockets come from (see [`UpstreamSocketFactory`]; it runs on the Tokio
+    /// worker serving the query).
     pub fn with_socket_factory(mut self, factory: Arc<dyn UpstreamSocketFactory>) -> Self {
+        self.socket_factory = Arc::new(Blocking(factory));
+        self
+    }
+
+    /// Where upstream sockets come from, awaited without blocking a Tokio worker (see
+    /// [`AsyncUpstreamSocketFactory`]).
+    pub fn with_async_socket_factory(
+        mut self,
+        factory: Arc<dyn AsyncUpstreamSocketFactory>,
+    ) -> Self {
         self.socket_factory = factory;
         self
     }
@@ -223,7 +306,7 @@ pub(crate) enum ForwardError {
 #[derive(Clone)]
 struct FactoryRuntime {
     handle: TokioHandle,
-    factory: Arc<dyn UpstreamSocketFactory>,
+    factory: Arc<dyn AsyncUpstreamSocketFactory>,
 }
 
 impl RuntimeProvider for FactoryRuntime {
@@ -245,7 +328,7 @@ impl RuntimeProvider for FactoryRuntime {
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
         let factory = self.factory.clone();
         Box::pin(async move {
-            let socket = factory.tcp_socket(server_addr)?;
+            let socket = factory.tcp_socket_async(server_addr).await?;
             if let Some(bind_addr) = bind_addr {
                 socket.bind(bind_addr)?;
             }
@@ -268,7 +351,7 @@ impl RuntimeProvider for FactoryRuntime {
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
         let factory = self.factory.clone();
         Box::pin(async move {
-            let socket = factory.udp_bind(local_addr)?;
+            let socket = factory.udp_bind_async(local_addr).await?;
             socket.set_nonblocking(true)?;
             tokio::net::UdpSocket::from_std(socket)
         })

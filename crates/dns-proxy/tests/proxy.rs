@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dns_proxy::{
-    DefaultSocketFactory, DnsProxy, NameTable, PodDnsContext, ResolvConf, UpstreamSocketFactory,
-    Upstreams,
+    AsyncUpstreamSocketFactory, DefaultSocketFactory, DnsProxy, NameTable, PodDnsContext,
+    ResolvConf, SocketFuture, UpstreamSocketFactory, Upstreams,
 };
 use hickory_proto::op::{Message, Metadata, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME, MX, SOA};
@@ -42,9 +42,13 @@ enum Behaviour {
     ServFail,
 }
 
+/// Per query the upstream saw: its EDNS payload size and DO bit, `None` without an OPT record.
+type EdnsLog = Arc<Mutex<Vec<Option<(u16, bool)>>>>;
+
 struct FakeUpstream {
     behaviour: Behaviour,
     seen: Arc<Mutex<Vec<(String, RecordType, Protocol)>>>,
+    edns_seen: EdnsLog,
 }
 
 fn record(name: &str, rdata: RData) -> Record {
@@ -65,6 +69,12 @@ impl RequestHandler for FakeUpstream {
             .lock()
             .expect("lock")
             .push((name.clone(), qtype, request.protocol()));
+        self.edns_seen.lock().expect("lock").push(
+            request
+                .edns
+                .as_ref()
+                .map(|edns| (edns.max_payload(), edns.flags().dnssec_ok)),
+        );
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
@@ -135,12 +145,17 @@ fn bind_pair() -> (UdpSocket, TcpListener) {
 struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(String, RecordType, Protocol)>>>,
+    edns_seen: EdnsLog,
     _server: hickory_server::Server<FakeUpstream>,
 }
 
 impl Upstream {
     fn queries(&self) -> Vec<(String, RecordType, Protocol)> {
         self.seen.lock().expect("lock").clone()
+    }
+
+    fn edns(&self) -> Vec<Option<(u16, bool)>> {
+        self.edns_seen.lock().expect("lock").clone()
     }
 }
 
@@ -150,9 +165,11 @@ fn fake_upstream(behaviour: Behaviour) -> Upstream {
     udp.set_nonblocking(true).expect("nonblocking");
     tcp.set_nonblocking(true).expect("nonblocking");
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let edns_seen = Arc::new(Mutex::new(Vec::new()));
     let mut server = hickory_server::Server::new(FakeUpstream {
         behaviour,
         seen: seen.clone(),
+        edns_seen: edns_seen.clone(),
     });
     server.register_socket(tokio::net::UdpSocket::from_std(udp).expect("tokio udp"));
     server.register_listener(
@@ -163,6 +180,7 @@ fn fake_upstream(behaviour: Behaviour) -> Upstream {
     Upstream {
         addr,
         seen,
+        edns_seen,
         _server: server,
     }
 }
@@ -612,40 +630,248 @@ async fn upstream_sockets_come_from_the_factory() {
     assert_eq!(factory.tcp.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
-async fn marked_sockets_fail_cleanly_without_privilege_or_work_with_it() {
-    // With CAP_NET_ADMIN the mark is applied and forwarding works; without it the factory's
-    // error becomes SERVFAIL rather than a hang or a panic.
-    let upstream = fake_upstream(Behaviour::Normal);
-    let proxy = start_proxy(
-        mesh_table(),
-        Upstreams::new(vec![upstream.addr])
-            .with_socket_factory(Arc::new(DefaultSocketFactory::with_mark(0x539)))
-            .with_timeout(Duration::from_secs(2)),
-    );
-    let mut client = udp_client(proxy.addr);
-    let response = ask(&mut client, "external.example.com.", RecordType::A).await;
-    let can_mark = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-        .and_then(|s| s.set_mark(1))
-        .is_ok();
-    if can_mark {
-        assert_eq!(a_records(&response)[0].1, EXTERNAL);
-    } else {
-        assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+/// Wraps a factory and records the `SO_MARK` (read back with getsockopt) of every socket it
+/// makes.
+struct MarkProbe {
+    inner: DefaultSocketFactory,
+    marks: Mutex<Vec<(&'static str, u32)>>,
+}
+
+impl UpstreamSocketFactory for MarkProbe {
+    fn udp_bind(&self, local: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+        let socket = self.inner.udp_bind(local)?;
+        let mark = socket2::SockRef::from(&socket).mark()?;
+        self.marks.lock().expect("lock").push(("udp", mark));
+        Ok(socket)
+    }
+
+    fn tcp_socket(&self, peer: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = self.inner.tcp_socket(peer)?;
+        let mark = socket2::SockRef::from(&socket).mark()?;
+        self.marks.lock().expect("lock").push(("tcp", mark));
+        Ok(socket)
     }
 }
 
 #[tokio::test]
-async fn edns_is_echoed_and_sized_for_the_client() {
+async fn upstream_sockets_carry_the_mark() {
+    const MARK: u32 = 0x539;
+    let factory = DefaultSocketFactory::with_mark(MARK);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // Without CAP_NET_ADMIN the factory must fail, and the proxy answer SERVFAIL.
+        let err = factory
+            .udp_bind("127.0.0.1:0".parse().expect("addr"))
+            .expect_err("SO_MARK needs CAP_NET_ADMIN");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+        let upstream = fake_upstream(Behaviour::Normal);
+        let proxy = start_proxy(
+            mesh_table(),
+            Upstreams::new(vec![upstream.addr])
+                .with_socket_factory(Arc::new(factory))
+                .with_timeout(Duration::from_secs(2)),
+        );
+        let mut client = udp_client(proxy.addr);
+        let response = ask(&mut client, "external.example.com.", RecordType::A).await;
+        assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+        eprintln!("SKIPPED the SO_MARK checks: not root");
+        return;
+    }
+
+    // The sockets the factory makes carry the mark, read back from the kernel.
+    let udp = factory
+        .udp_bind("0.0.0.0:0".parse().expect("addr"))
+        .expect("marked udp socket");
+    assert_eq!(socket2::SockRef::from(&udp).mark().expect("SO_MARK"), MARK);
+    let tcp = factory
+        .tcp_socket("127.0.0.1:53".parse().expect("addr"))
+        .expect("marked tcp socket");
+    assert_eq!(socket2::SockRef::from(&tcp).mark().expect("SO_MARK"), MARK);
+    let plain = DefaultSocketFactory::new()
+        .udp_bind("0.0.0.0:0".parse().expect("addr"))
+        .expect("plain udp socket");
+    assert_eq!(socket2::SockRef::from(&plain).mark().expect("SO_MARK"), 0);
+
+    // And the proxy forwards through exactly such sockets, over UDP and TCP.
+    let upstream = fake_upstream(Behaviour::Normal);
+    let probe = Arc::new(MarkProbe {
+        inner: factory,
+        marks: Mutex::default(),
+    });
+    let proxy = start_proxy(
+        mesh_table(),
+        Upstreams::new(vec![upstream.addr]).with_socket_factory(probe.clone()),
+    );
+    let mut client = udp_client(proxy.addr);
+    let response = ask(&mut client, "external.example.com.", RecordType::A).await;
+    assert_eq!(a_records(&response)[0].1, EXTERNAL);
+    let (mut tcp_client, _provider) = tcp_client(proxy.addr).await;
+    let response = ask(&mut tcp_client, "external.example.com.", RecordType::A).await;
+    assert_eq!(a_records(&response)[0].1, EXTERNAL);
+    assert_eq!(
+        *probe.marks.lock().expect("lock"),
+        [("udp", MARK), ("tcp", MARK)]
+    );
+}
+
+/// Encodes a query for `name` A with an OPT record advertising `payload` and the DO bit.
+fn edns_query(id: u16, name: &str, payload: u16) -> Vec<u8> {
+    let mut query = Message::query();
+    query.metadata.id = id;
+    query.metadata.recursion_desired = true;
+    query
+        .queries
+        .push(hickory_proto::op::Query::query(n(name), RecordType::A));
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(payload).set_dnssec_ok(true);
+    query.edns = Some(edns);
+    query.to_vec().expect("encode")
+}
+
+async fn exchange(socket: &tokio::net::UdpSocket, query: &[u8]) -> Message {
+    socket.send(query).await.expect("send");
+    let mut buf = [0u8; 4096];
+    let len = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("recv");
+    Message::from_vec(&buf[..len]).expect("a DNS message")
+}
+
+#[tokio::test]
+async fn edns_size_is_preserved_to_the_client_and_upstream() {
     let upstream = fake_upstream(Behaviour::Normal);
     let proxy = start_proxy(mesh_table(), Upstreams::new(vec![upstream.addr]));
-    // hickory's client sends EDNS by default.
-    let mut client = udp_client(proxy.addr);
-    for name in ["aliyun.com.", "external.example.com."] {
-        let response = ask(&mut client, name, RecordType::A).await;
-        let edns = response.edns.as_ref().expect("OPT echoed");
-        assert!(edns.max_payload() >= 512, "{name}");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    socket.connect(proxy.addr).await.expect("connect");
+    let mut forwarded = 0;
+    // Sizes other than hickory's defaults, so that echoing a default would be caught.
+    for (id, payload) in [(1u16, 1400u16), (2, 4000), (3, 700)] {
+        for (name, local) in [("aliyun.com.", true), ("external.example.com.", false)] {
+            let response = exchange(&socket, &edns_query(id, name, payload)).await;
+            assert_eq!(response.metadata.id, id);
+            let edns = response.edns.as_ref().expect("OPT echoed");
+            assert_eq!(edns.max_payload(), payload, "{name} advertised {payload}");
+            assert!(edns.flags().dnssec_ok, "{name}: DO bit echoed");
+            if !local {
+                forwarded += 1;
+                assert_eq!(
+                    upstream.edns().last().copied(),
+                    Some(Some((payload, true))),
+                    "{name}: upstream must be asked with the client's size and DO bit"
+                );
+            }
+        }
     }
+    assert_eq!(
+        upstream.edns().len(),
+        forwarded,
+        "mesh hosts are not forwarded"
+    );
+
+    // Without an OPT record in the query, none goes upstream or back.
+    let mut query = Message::query();
+    query.metadata.id = 9;
+    query.queries.push(hickory_proto::op::Query::query(
+        n("external.example.com."),
+        RecordType::A,
+    ));
+    let response = exchange(&socket, &query.to_vec().expect("encode")).await;
+    assert!(response.edns.is_none());
+    assert_eq!(upstream.edns().last().copied(), Some(None));
+}
+
+#[tokio::test]
+async fn dns_responses_sent_to_the_proxy_are_dropped() {
+    let upstream = fake_upstream(Behaviour::Normal);
+    let proxy = start_proxy(mesh_table(), Upstreams::new(vec![upstream.addr]));
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    socket.connect(proxy.addr).await.expect("connect");
+
+    // A well-formed response (QR=1), e.g. reflected or spoofed: no reply at all, not FORMERR.
+    let mut response = Message::query();
+    response.metadata.id = 0x7777;
+    response.metadata.message_type = hickory_proto::op::MessageType::Response;
+    response.queries.push(hickory_proto::op::Query::query(
+        n("external.example.com."),
+        RecordType::A,
+    ));
+    socket
+        .send(&response.to_vec().expect("encode"))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 4096];
+    let reply = tokio::time::timeout(Duration::from_millis(300), socket.recv(&mut buf)).await;
+    assert!(reply.is_err(), "the proxy answered a response: {reply:?}");
+    assert!(upstream.queries().is_empty(), "a response was forwarded");
+
+    // The server still answers queries afterwards.
+    let answer = exchange(&socket, &edns_query(0x1111, "aliyun.com.", 1232)).await;
+    assert_eq!(answer.metadata.id, 0x1111);
+}
+
+/// A factory that is only asynchronous: it waits on another thread (as ztunnel waits for a
+/// pod's namespace thread) without blocking the runtime.
+struct ThreadHopFactory {
+    udp: AtomicUsize,
+    tcp: AtomicUsize,
+}
+
+impl AsyncUpstreamSocketFactory for ThreadHopFactory {
+    fn udp_bind_async(&self, local: SocketAddr) -> SocketFuture<'_, std::net::UdpSocket> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(DefaultSocketFactory::new().udp_bind(local));
+            });
+            let socket = rx.await.map_err(std::io::Error::other)??;
+            self.udp.fetch_add(1, Ordering::SeqCst);
+            Ok(socket)
+        })
+    }
+
+    fn tcp_socket_async(&self, peer: SocketAddr) -> SocketFuture<'_, tokio::net::TcpSocket> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.tcp.fetch_add(1, Ordering::SeqCst);
+            DefaultSocketFactory::new().tcp_socket(peer)
+        })
+    }
+}
+
+// One worker thread: a factory that blocked it while waiting for its helper thread would stall
+// the proxy, the fake upstream and the client alike.
+#[tokio::test(flavor = "current_thread")]
+async fn async_socket_factories_are_awaited() {
+    let upstream = fake_upstream(Behaviour::Normal);
+    let factory = Arc::new(ThreadHopFactory {
+        udp: AtomicUsize::new(0),
+        tcp: AtomicUsize::new(0),
+    });
+    let proxy = start_proxy(
+        mesh_table(),
+        Upstreams::new(vec![upstream.addr]).with_async_socket_factory(factory.clone()),
+    );
+    let mut udp = udp_client(proxy.addr);
+    let response = ask(&mut udp, "external.example.com.", RecordType::A).await;
+    assert_eq!(a_records(&response)[0].1, EXTERNAL);
+    let (mut tcp, _provider) = tcp_client(proxy.addr).await;
+    let response = ask(&mut tcp, "external.example.com.", RecordType::A).await;
+    assert_eq!(a_records(&response)[0].1, EXTERNAL);
+    assert_eq!(factory.udp.load(Ordering::SeqCst), 1);
+    assert_eq!(factory.tcp.load(Ordering::SeqCst), 1);
+
+    // A synchronous factory is an async one too.
+    let sync: Arc<dyn AsyncUpstreamSocketFactory> = Arc::new(DefaultSocketFactory::new());
+    let socket = sync
+        .udp_bind_async("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    assert_ne!(socket.local_addr().expect("addr").port(), 0);
 }
 
 #[tokio::test]

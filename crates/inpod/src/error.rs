@@ -34,6 +34,13 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("in netns {path}: `{command}` did not finish within {timeout:?} and was killed")]
+    Timeout {
+        path: PathBuf,
+        command: String,
+        timeout: std::time::Duration,
+    },
+
     #[error("in netns {path}: `{command}` failed ({status}): {stderr}")]
     Command {
         path: PathBuf,

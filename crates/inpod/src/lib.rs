@@ -16,7 +16,7 @@ pub mod rules;
 pub use apply::{install_rules, remove_rules, save_nat};
 pub use error::{ConfigError, Error};
 pub use netns::{NetnsHandle, NetnsId, connect_in, socket_netns_id};
-pub use orig_dst::original_dst;
+pub use orig_dst::{NotRedirected, is_not_redirected, original_dst};
 pub use rules::{
     CaptureConfig, CaptureScope, CidrSelector, DEFAULT_MARK, IpFamily, PortSelector, render_rules,
 };

@@ -19,6 +19,7 @@ use std::{
     process::{Command, Output, Stdio},
     sync::{Arc, mpsc},
     thread::{self, ThreadId},
+    time::Duration,
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -30,6 +31,10 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// Backlog for listeners created in a namespace: ztunnel's listeners take bursts of connections.
 const LISTEN_BACKLOG: i32 = 1024;
+
+/// How long [`NetnsHandle::command_output`] lets a command run (`iptables-restore` waits up to
+/// 10 s for the xtables lock; anything much slower is stuck, not busy).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Identity of a network namespace: the (device, inode) pair of its nsfs file.
 ///
@@ -298,15 +303,29 @@ impl NetnsHandle {
             .map_err(|e| self.socket_error(format!("register udp socket {addr}"), e))
     }
 
-    /// Runs a command inside the namespace and collects its output.
+    /// Runs a command inside the namespace and collects its output, killing it if it has not
+    /// finished within [`COMMAND_TIMEOUT`].
     ///
     /// The child is spawned from the namespace's thread, so it inherits the namespace (and only the
     /// network namespace: mounts stay the host's, which `iptables` needs for its lock file). The
     /// thread is busy only for the spawn; the wait happens on tokio's blocking pool.
     pub async fn command_output(
         &self,
+        command: Command,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Output, Error> {
+        self.command_output_timeout(command, stdin, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// [`command_output`](Self::command_output) with an explicit limit. A child still running
+    /// after `timeout` is killed (SIGKILL) and reaped, and the call fails with
+    /// [`Error::Timeout`] naming the command.
+    pub async fn command_output_timeout(
+        &self,
         mut command: Command,
         stdin: Option<Vec<u8>>,
+        timeout: Duration,
     ) -> Result<Output, Error> {
         let shown = show_command(&command);
         let piped = stdin.is_some();
@@ -325,16 +344,43 @@ impl NetnsHandle {
             source,
         };
         let mut child = spawned.map_err(spawn_error)?;
+        let pid = child.id();
         let feeder = match (stdin, child.stdin.take()) {
             // A separate thread feeds stdin so a child that writes a lot before reading all its
             // input cannot deadlock against us.
-            (Some(input), Some(mut pipe)) => Some(thread::spawn(move || pipe.write_all(&input))),
+            (Some(input), Some(mut pipe)) => {
+                let fed = thread::Builder::new()
+                    .name("netns-stdin".to_owned())
+                    .spawn(move || pipe.write_all(&input));
+                match fed {
+                    Ok(handle) => Some(handle),
+                    Err(e) => {
+                        // The pipe was moved into the closure that never ran, so it is closed
+                        // already; the child sees EOF and exits. Reap it before failing.
+                        kill_and_reap(&mut child);
+                        return Err(spawn_error(e));
+                    }
+                }
+            }
             _ => None,
         };
-        let output = tokio::task::spawn_blocking(move || child.wait_with_output())
-            .await
-            .map_err(|join| spawn_error(io::Error::other(join.to_string())))?
-            .map_err(spawn_error)?;
+        let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+        let output = match tokio::time::timeout(timeout, waiting).await {
+            Ok(joined) => joined
+                .map_err(|join| spawn_error(io::Error::other(join.to_string())))?
+                .map_err(spawn_error)?,
+            Err(_) => {
+                // `wait_with_output` owns the child on the blocking pool. Killing by pid is safe
+                // here: the child is not reaped until that wait returns, so the pid cannot have
+                // been reused. The wait then returns and the blocking task ends by itself.
+                kill_pid(pid);
+                return Err(Error::Timeout {
+                    path: self.inner.path.clone(),
+                    command: shown,
+                    timeout,
+                });
+            }
+        };
         if let Some(feeder) = feeder {
             // A child that exits without reading its input is reported through its exit status;
             // the resulting EPIPE here adds nothing.
@@ -342,6 +388,22 @@ impl NetnsHandle {
         }
         Ok(output)
     }
+}
+
+/// SIGKILL to a child we own and have not reaped yet (so the pid is still ours).
+fn kill_pid(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // ESRCH (already gone) is fine: it is being reaped by its waiter.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn kill_and_reap(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// `program arg1 arg2`, for error messages.
@@ -379,4 +441,74 @@ pub async fn connect_in(
         .connect(dst)
         .await
         .map_err(|e| netns.socket_error(format!("connect to {dst}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        let root = nix::unistd::Uid::effective().is_root();
+        if !root {
+            eprintln!("SKIPPED: entering a network namespace needs root");
+        }
+        root
+    }
+
+    #[tokio::test]
+    async fn hung_command_is_killed_and_named() {
+        if !is_root() {
+            return;
+        }
+        let ns = NetnsHandle::current().expect("current netns");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("pid");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("echo $$ > {}; exec sleep 30", pid_file.display()));
+        let started = std::time::Instant::now();
+        let err = ns
+            .command_output_timeout(command, None, Duration::from_millis(500))
+            .await
+            .expect_err("must time out");
+        assert!(started.elapsed() < Duration::from_secs(10), "not bounded");
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("sh -c echo"), "{shown}");
+        assert!(shown.contains("killed"), "{shown}");
+
+        // The child is gone (killed and reaped), not left running.
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            if !alive {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still alive"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn command_with_stdin_completes_within_the_limit() {
+        if !is_root() {
+            return;
+        }
+        let ns = NetnsHandle::current().expect("current netns");
+        let out = ns
+            .command_output(Command::new("cat"), Some(b"fed through stdin".to_vec()))
+            .await
+            .expect("cat runs");
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"fed through stdin");
+    }
 }

@@ -6,13 +6,17 @@
 //! ```text
 //! PREROUTING -> STRAIT_PREROUTING (inbound)        OUTPUT -> STRAIT_OUTPUT (outbound)
 //!   -i lo                    RETURN                  mark 0x539/0xfff          RETURN
-//!   mark 0x539/0xfff         RETURN                  tcp to kubelet probe addr RETURN
-//!   tcp from kubelet probe   RETURN                  udp 53, not out lo        REDIRECT 15053
-//!   tcp dport 15008          RETURN                  tcp 53, not to loopback   REDIRECT 15053
-//!   [excluded ports]         RETURN                  out lo                    RETURN
-//!   tcp [included ports]     REDIRECT 15006          [excluded CIDRs / ports]  RETURN
+//!   tcp from kubelet probe   RETURN                  tcp to kubelet probe addr RETURN
+//!   tcp dport 15008          RETURN                  udp 53, not out lo        REDIRECT 15053
+//!   [excluded ports]         RETURN                  tcp 53, not to loopback   REDIRECT 15053
+//!   tcp [included ports]     REDIRECT 15006          out lo                    RETURN
+//!                                                    [excluded CIDRs / ports]  RETURN
 //!                                                    tcp [included CIDRs]      REDIRECT 15001
 //! ```
+//!
+//! Istio's PREROUTING also returns packets carrying the mark; that rule is left out because a
+//! mark is per-packet kernel state that does not cross the veth into the pod's namespace, so no
+//! inbound packet can carry it (ztunnel's own connections into the pod arrive on `lo`).
 //!
 //! We chose REDIRECT over Istio's default TPROXY: REDIRECT needs no IP_TRANSPARENT listener, no
 //! `fwmark` policy route (`local 0.0.0.0/0 dev lo table 100`) and no connmark bookkeeping, because
@@ -425,11 +429,10 @@ fn mark_match(cfg: &CaptureConfig) -> String {
 
 fn prerouting_rules(cfg: &CaptureConfig, family: IpFamily) -> Vec<String> {
     let scope = &cfg.scope;
-    let mut rules = vec![
-        // Loopback traffic was already decided in OUTPUT; never capture it twice.
-        "-i lo -j RETURN".to_owned(),
-        format!("{} -j RETURN", mark_match(cfg)),
-    ];
+    // Loopback traffic was already decided in OUTPUT; never capture it twice. There is no mark
+    // rule here (Istio's has one): a packet's mark does not survive the veth into the pod's
+    // namespace, so inbound packets never carry ztunnel's mark and such a rule could not match.
+    let mut rules = vec!["-i lo -j RETURN".to_owned()];
     if cfg.allow_kubelet_probes {
         rules.push(format!("-s {} -p tcp -j RETURN", family.kubelet_probe()));
     }
@@ -508,7 +511,6 @@ mod tests {
 :STRAIT_PREROUTING - [0:0]
 :STRAIT_OUTPUT - [0:0]
 -A STRAIT_PREROUTING -i lo -j RETURN
--A STRAIT_PREROUTING -m mark --mark 0x539/0xfff -j RETURN
 -A STRAIT_PREROUTING -s 169.254.7.127/32 -p tcp -j RETURN
 -A STRAIT_PREROUTING -p tcp -m tcp --dport 15008 -j RETURN
 -A STRAIT_PREROUTING -p tcp -j REDIRECT --to-ports 15006
@@ -657,7 +659,10 @@ COMMIT
                 "kubelet probes not special",
                 |c| c.allow_kubelet_probes = false,
                 IpFamily::V4,
-                &["-A STRAIT_PREROUTING -m mark --mark 0x539/0xfff -j RETURN"],
+                &[
+                    "-A STRAIT_PREROUTING -i lo -j RETURN",
+                    "-A STRAIT_PREROUTING -p tcp -m tcp --dport 15008 -j RETURN",
+                ],
                 &["169.254.7.127"],
             ),
         ];

@@ -6,8 +6,12 @@
 //! - `/config_dump`: JSON from the caller's closure (404 when none is set).
 //! - anything else: 404.
 //!
-//! The same router can serve Istio's separate ports (15000 admin, 15020 metrics, 15021
-//! readiness): call [`serve`] once per listener with clones of one [`AdminState`].
+//! Istio's separate ports each get only their own routes: call [`serve_endpoints`] once per
+//! listener with clones of one [`AdminState`] and the [`Endpoints`] that port exposes —
+//! [`Endpoints::ADMIN`] on 15000 (localhost only: `/config_dump` shows the whole configuration),
+//! [`Endpoints::METRICS`] on 15020, [`Endpoints::READINESS`] on 15021. Routes a listener does not
+//! expose answer 404, as unknown paths do. [`serve`] exposes everything and is meant for a
+//! localhost admin port only.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -96,12 +100,84 @@ impl AdminState {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` completes, then gives open
-/// connections a few seconds to finish. Accept errors (e.g. out of file descriptors) are
-/// logged and retried, never fatal.
+/// Which routes a listener exposes: a small set of flags, combined with `|`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoints(u8);
+
+impl Endpoints {
+    /// `/healthz/ready` (Istio's 15021).
+    pub const READINESS: Endpoints = Endpoints(1);
+    /// `/metrics` and `/stats/prometheus` (Istio's 15020).
+    pub const METRICS: Endpoints = Endpoints(1 << 1);
+    /// `/config_dump`. Exposes the whole configuration: localhost listeners only.
+    pub const CONFIG_DUMP: Endpoints = Endpoints(1 << 2);
+    /// Everything (Istio's 15000, bound to localhost): config dump, readiness and metrics.
+    pub const ADMIN: Endpoints =
+        Endpoints(Self::READINESS.0 | Self::METRICS.0 | Self::CONFIG_DUMP.0);
+    /// No route at all (every path answers 404).
+    pub const NONE: Endpoints = Endpoints(0);
+
+    /// Whether every route of `other` is exposed.
+    pub fn contains(self, other: Endpoints) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The routes of either.
+    pub const fn union(self, other: Endpoints) -> Endpoints {
+        Endpoints(self.0 | other.0)
+    }
+}
+
+impl std::ops::BitOr for Endpoints {
+    type Output = Endpoints;
+
+    fn bitor(self, other: Endpoints) -> Endpoints {
+        self.union(other)
+    }
+}
+
+impl std::ops::BitOrAssign for Endpoints {
+    fn bitor_assign(&mut self, other: Endpoints) {
+        *self = self.union(other);
+    }
+}
+
+impl fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [
+            (Self::READINESS, "READINESS"),
+            (Self::METRICS, "METRICS"),
+            (Self::CONFIG_DUMP, "CONFIG_DUMP"),
+        ];
+        let mut set = f.debug_set();
+        for (flag, name) in names {
+            if self.contains(flag) {
+                set.entry(&format_args!("{name}"));
+            }
+        }
+        set.finish()
+    }
+}
+
+/// Serves every admin route ([`Endpoints::ADMIN`]) on `listener` until `shutdown` completes.
+///
+/// For a localhost admin port only (Istio's 15000): it includes `/config_dump`. Ports reachable
+/// from elsewhere (metrics, readiness) should use [`serve_endpoints`] with just their routes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_endpoints(listener, state, Endpoints::ADMIN, shutdown).await
+}
+
+/// Serves the routes in `endpoints` on `listener` until `shutdown` completes, then gives open
+/// connections a few seconds to finish; other paths answer 404. Accept errors (e.g. out of file
+/// descriptors) are logged and retried, never fatal.
+pub async fn serve_endpoints(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    endpoints: Endpoints,
     shutdown: impl Future<Output = ()>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -123,7 +199,7 @@ pub async fn serve(
         };
         let state = state.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let response = route(&state, &request);
+            let response = route(&state, endpoints, &request);
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder
@@ -163,13 +239,25 @@ fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Resp
     response
 }
 
-fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+/// The endpoint group a path belongs to, if it is one of ours.
+fn endpoint_of(path: &str) -> Option<Endpoints> {
+    match path {
+        "/healthz/ready" => Some(Endpoints::READINESS),
+        "/metrics" | "/stats/prometheus" => Some(Endpoints::METRICS),
+        "/config_dump" => Some(Endpoints::CONFIG_DUMP),
+        _ => None,
+    }
+}
+
+fn route<B>(
+    state: &AdminState,
+    endpoints: Endpoints,
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    let known = matches!(
-        path,
-        "/healthz/ready" | "/metrics" | "/stats/prometheus" | "/config_dump"
-    );
-    if !known {
+    // A route this listener does not expose is indistinguishable from an unknown one.
+    let exposed = endpoint_of(path).is_some_and(|group| endpoints.contains(group));
+    if !exposed {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -240,30 +328,81 @@ mod tests {
     #[tokio::test]
     async fn routes() {
         let state = state().with_config_dump(|| serde_json::json!({"generation": 3}));
-        assert_eq!(route(&state, &get("/nope")).status(), StatusCode::NOT_FOUND);
         assert_eq!(
-            route(&state, &get("/healthz/ready")).status(),
+            route(&state, Endpoints::ADMIN, &get("/nope")).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&state, Endpoints::ADMIN, &get("/healthz/ready")).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         state.readiness().set_ready(true);
-        let ready = route(&state, &get("/healthz/ready?verbose"));
+        let ready = route(&state, Endpoints::ADMIN, &get("/healthz/ready?verbose"));
         assert_eq!(ready.status(), StatusCode::OK);
         assert_eq!(body(ready).await, "ready");
 
         let post = Request::post("/metrics").body(()).expect("request");
-        let refused = route(&state, &post);
+        let refused = route(&state, Endpoints::ADMIN, &post);
         assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(refused.headers()[header::ALLOW], "GET, HEAD");
 
-        let dump = route(&state, &get("/config_dump"));
+        let dump = route(&state, Endpoints::ADMIN, &get("/config_dump"));
         assert_eq!(dump.headers()[header::CONTENT_TYPE], "application/json");
         let value: serde_json::Value = serde_json::from_str(&body(dump).await).expect("json");
         assert_eq!(value["generation"], 3);
 
+        // Restricted listeners 404 what they do not expose, whatever the method.
+        let metrics_only = [
+            ("/metrics", StatusCode::OK),
+            ("/stats/prometheus", StatusCode::OK),
+            ("/config_dump", StatusCode::NOT_FOUND),
+            ("/healthz/ready", StatusCode::NOT_FOUND),
+        ];
+        for (path, want) in metrics_only {
+            assert_eq!(
+                route(&state, Endpoints::METRICS, &get(path)).status(),
+                want,
+                "{path}"
+            );
+        }
+        let delete = Request::delete("/config_dump").body(()).expect("request");
+        assert_eq!(
+            route(&state, Endpoints::READINESS, &delete).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&state, Endpoints::READINESS, &get("/healthz/ready")).status(),
+            StatusCode::OK
+        );
+        let both = Endpoints::METRICS | Endpoints::READINESS;
+        assert_eq!(
+            route(&state, both, &get("/healthz/ready")).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&state, both, &get("/config_dump")).status(),
+            StatusCode::NOT_FOUND
+        );
+
         let without = super::tests::state();
         assert_eq!(
-            route(&without, &get("/config_dump")).status(),
+            route(&without, Endpoints::ADMIN, &get("/config_dump")).status(),
             StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn endpoint_sets() {
+        assert!(Endpoints::ADMIN.contains(Endpoints::CONFIG_DUMP));
+        assert!(Endpoints::ADMIN.contains(Endpoints::METRICS | Endpoints::READINESS));
+        assert!(!Endpoints::METRICS.contains(Endpoints::CONFIG_DUMP));
+        assert!(!Endpoints::NONE.contains(Endpoints::READINESS));
+        let mut set = Endpoints::NONE;
+        set |= Endpoints::READINESS;
+        assert_eq!(set, Endpoints::READINESS);
+        assert_eq!(
+            format!("{:?}", Endpoints::METRICS | Endpoints::READINESS),
+            "{READINESS, METRICS}"
         );
     }
 }

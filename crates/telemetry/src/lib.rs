@@ -19,7 +19,7 @@ use std::str::FromStr;
 pub use access_log::{
     AccessLogEntry, AccessLogger, ConnectionLogEntry, ConnectionOutcome, Direction,
 };
-pub use admin::{AdminState, Readiness};
+pub use admin::{AdminState, Endpoints, Readiness};
 pub use flags::{ResponseFlag, ResponseFlags};
 pub use metrics::{
     ConnectionLabels, ConnectionMetrics, Metrics, Reporter, RequestLabels, RequestProtocol,

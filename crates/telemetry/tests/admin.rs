@@ -160,3 +160,62 @@ async fn raw_http10_client_gets_a_response() {
     assert!(response.ends_with("\r\n\r\nready"), "{response}");
     server.abort();
 }
+
+#[tokio::test]
+async fn metrics_and_readiness_ports_do_not_expose_the_config_dump() {
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let readiness = Readiness::new();
+    readiness.set_ready(true);
+    let state = AdminState::new(metrics, readiness)
+        .with_config_dump(|| serde_json::json!({"secret": "configuration"}));
+    let mut servers = Vec::new();
+    let bind = |endpoints: telemetry::Endpoints| {
+        let state = state.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let task = tokio::spawn(telemetry::admin::serve_endpoints(
+                listener,
+                state,
+                endpoints,
+                std::future::pending(),
+            ));
+            (addr, task)
+        }
+    };
+    let (metrics_port, task) = bind(telemetry::Endpoints::METRICS).await;
+    servers.push(task);
+    let (ready_port, task) = bind(telemetry::Endpoints::READINESS).await;
+    servers.push(task);
+    let (admin_port, task) = bind(telemetry::Endpoints::ADMIN).await;
+    servers.push(task);
+
+    let cases = [
+        (metrics_port, "/metrics", StatusCode::OK),
+        (metrics_port, "/stats/prometheus", StatusCode::OK),
+        (metrics_port, "/config_dump", StatusCode::NOT_FOUND),
+        (metrics_port, "/healthz/ready", StatusCode::NOT_FOUND),
+        (ready_port, "/healthz/ready", StatusCode::OK),
+        (ready_port, "/config_dump", StatusCode::NOT_FOUND),
+        (ready_port, "/metrics", StatusCode::NOT_FOUND),
+        (admin_port, "/config_dump", StatusCode::OK),
+        (admin_port, "/metrics", StatusCode::OK),
+        (admin_port, "/healthz/ready", StatusCode::OK),
+    ];
+    for (addr, path, want) in cases {
+        let reply = call(addr, Method::GET, path).await;
+        assert_eq!(reply.status, want, "{addr}{path}");
+        if want == StatusCode::NOT_FOUND {
+            assert!(
+                !reply.body.contains("secret"),
+                "{addr}{path}: {}",
+                reply.body
+            );
+        }
+    }
+    for server in servers {
+        server.abort();
+    }
+}
