@@ -1,0 +1,937 @@
+//! AuthorizationPolicy evaluation: pure functions over compiled policies.
+//!
+//! Semantics (Istio's): CUSTOM is not supported; any matching DENY policy denies; otherwise if
+//! any ALLOW policy applies, one of them must match; AUDIT policies never change the decision.
+//! A policy matches when any rule matches; a rule matches when every present part (`from`,
+//! `to`, `when`) matches; inside a part, any entry may match; inside an entry, every field must
+//! match (with `not*` fields inverted).
+//!
+//! L4 evaluation (ztunnel, `attrs.http == None`): a rule that needs HTTP attributes (methods,
+//! paths, hosts, `request.headers`) cannot be checked. In an ALLOW policy such a rule does not
+//! match (less access); in a DENY policy its HTTP parts are treated as matching (more denial).
+//! That is Istio's fail-closed translation for ztunnel.
+use crate::error::ObjErrors;
+use crate::model::Labels;
+use crate::model::security as m;
+use crate::snapshot::NamespacedName;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// Attributes of a connection / request to authorize.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestAttrs<'a> {
+    /// Peer SPIFFE identity, `spiffe://td/ns/x/sa/y` or Istio's principal form without scheme.
+    pub source_principal: Option<&'a str>,
+    /// Source namespace; derived from the principal when `None`.
+    pub source_namespace: Option<&'a str>,
+    /// Labels of the source workload. Only set them when the caller verified that the workload
+    /// found by source IP carries the peer's identity.
+    pub source_labels: Option<&'a Labels>,
+    /// Direct peer IP.
+    pub source_ip: Option<IpAddr>,
+    /// Original client IP (X-Forwarded-For / `forwarded: for=`); defaults to `source_ip`.
+    pub remote_ip: Option<IpAddr>,
+    pub destination_ip: Option<IpAddr>,
+    pub destination_port: u16,
+    /// TLS SNI when the payload is TLS.
+    pub sni: Option<&'a str>,
+    /// HTTP attributes; `None` at L4.
+    pub http: Option<HttpAttrs<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAttrs<'a> {
+    /// Host / :authority, without port.
+    pub host: &'a str,
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl<'a> RequestAttrs<'a> {
+    fn principal(&self) -> Option<&'a str> {
+        self.source_principal
+            .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+    }
+
+    fn namespace(&self) -> Option<&'a str> {
+        if self.source_namespace.is_some() {
+            return self.source_namespace;
+        }
+        // td/ns/<ns>/sa/<sa>
+        let p = self.principal()?;
+        let mut it = p.split('/');
+        it.next()?;
+        (it.next()? == "ns").then_some(())?;
+        it.next()
+    }
+
+    fn remote(&self) -> Option<IpAddr> {
+        self.remote_ip.or(self.source_ip)
+    }
+}
+
+/// The outcome of [`AuthzPolicies::evaluate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// `policy` is the DENY policy that matched, or `None` when ALLOW policies exist and none
+    /// matched.
+    Deny {
+        policy: Option<NamespacedName>,
+    },
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow)
+    }
+}
+
+/// Istio string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrPattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl StrPattern {
+    pub fn parse(s: &str) -> StrPattern {
+        if s == "*" {
+            StrPattern::Any
+        } else if let Some(p) = s.strip_suffix('*') {
+            StrPattern::Prefix(p.to_owned())
+        } else if let Some(p) = s.strip_prefix('*') {
+            StrPattern::Suffix(p.to_owned())
+        } else {
+            StrPattern::Exact(s.to_owned())
+        }
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            StrPattern::Any => !v.is_empty(),
+            StrPattern::Exact(e) => e == v,
+            StrPattern::Prefix(p) => v.starts_with(p.as_str()),
+            StrPattern::Suffix(s) => v.ends_with(s.as_str()),
+        }
+    }
+
+    fn matches_ci(&self, v: &str) -> bool {
+        match self {
+            StrPattern::Any => !v.is_empty(),
+            StrPattern::Exact(e) => e.eq_ignore_ascii_case(v),
+            StrPattern::Prefix(p) => {
+                v.len() >= p.len() && v.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            StrPattern::Suffix(s) => {
+                v.len() >= s.len()
+                    && v.as_bytes()[v.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+        }
+    }
+}
+
+/// Source workloads selected by namespace + labels (used by compiled ASMEgressTrafficPolicy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkloadSelector {
+    pub namespace: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SourceMatch {
+    pub principals: Vec<StrPattern>,
+    pub not_principals: Vec<StrPattern>,
+    pub namespaces: Vec<StrPattern>,
+    pub not_namespaces: Vec<StrPattern>,
+    pub ip_blocks: Vec<IpNet>,
+    pub not_ip_blocks: Vec<IpNet>,
+    pub remote_ip_blocks: Vec<IpNet>,
+    pub not_remote_ip_blocks: Vec<IpNet>,
+    /// Any of these source workloads (our extension, not expressible in Istio YAML).
+    pub workloads: Vec<WorkloadSelector>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OperationMatch {
+    pub hosts: Vec<StrPattern>,
+    pub not_hosts: Vec<StrPattern>,
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+    pub methods: Vec<StrPattern>,
+    pub not_methods: Vec<StrPattern>,
+    pub paths: Vec<StrPattern>,
+    pub not_paths: Vec<StrPattern>,
+}
+
+impl OperationMatch {
+    fn needs_http(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+/// `when` keys we can evaluate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionKey {
+    SourceIp,
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+    ConnectionSni,
+    RequestHeader(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    pub key: ConditionKey,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub from: Vec<SourceMatch>,
+    pub to: Vec<OperationMatch>,
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub name: NamespacedName,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+}
+
+/// The policies that apply to one target, split by action.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuthzPolicies {
+    pub deny: Vec<Arc<Policy>>,
+    pub allow: Vec<Arc<Policy>>,
+    pub audit: Vec<Arc<Policy>>,
+}
+
+impl AuthzPolicies {
+    pub fn is_empty(&self) -> bool {
+        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+    }
+
+    pub(crate) fn push(&mut self, p: Arc<Policy>) {
+        match p.action {
+            Action::Allow => self.allow.push(p),
+            Action::Deny => self.deny.push(p),
+            Action::Audit => self.audit.push(p),
+        }
+    }
+
+    /// DENY before ALLOW; ALLOW present but none matching → deny; AUDIT ignored.
+    pub fn evaluate(&self, attrs: &RequestAttrs<'_>) -> Decision {
+        evaluate_all(&[self], attrs)
+    }
+
+    /// AUDIT policies that match (for logging).
+    pub fn audit_matches<'s>(
+        &'s self,
+        attrs: &RequestAttrs<'_>,
+    ) -> impl Iterator<Item = &'s NamespacedName> {
+        self.audit
+            .iter()
+            .filter(|p| p.matches(attrs))
+            .map(|p| &p.name)
+    }
+}
+
+/// Evaluates several policy sets as one (a waypoint: policies on the Gateway plus those on the
+/// destination service).
+pub fn evaluate_all(sets: &[&AuthzPolicies], attrs: &RequestAttrs<'_>) -> Decision {
+    // Derive principal / namespace / remote IP once, not once per policy.
+    let mut a = *attrs;
+    a.source_principal = attrs.principal();
+    a.source_namespace = attrs.namespace();
+    a.remote_ip = attrs.remote();
+    let attrs = &a;
+    for set in sets {
+        if let Some(p) = set.deny.iter().find(|p| p.matches(attrs)) {
+            return Decision::Deny {
+                policy: Some(p.name.clone()),
+            };
+        }
+    }
+    let mut any_allow = false;
+    for set in sets {
+        any_allow |= !set.allow.is_empty();
+        if set.allow.iter().any(|p| p.matches(attrs)) {
+            return Decision::Allow;
+        }
+    }
+    if any_allow {
+        Decision::Deny { policy: None }
+    } else {
+        Decision::Allow
+    }
+}
+
+impl Policy {
+    pub fn matches(&self, a: &RequestAttrs<'_>) -> bool {
+        let deny = self.action == Action::Deny;
+        self.rules.iter().any(|r| r.matches(a, deny))
+    }
+}
+
+impl Rule {
+    /// `lenient_l7`: at L4, treat HTTP-only conditions as matching (DENY) instead of not (ALLOW).
+    fn matches(&self, a: &RequestAttrs<'_>, lenient_l7: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, lenient_l7)))
+            && self.when.iter().all(|c| c.matches(a, lenient_l7))
+    }
+}
+
+fn any_pat(pats: &[StrPattern], v: Option<&str>) -> bool {
+    v.is_some_and(|v| pats.iter().any(|p| p.matches(v)))
+}
+
+fn any_net(nets: &[IpNet], ip: Option<IpAddr>) -> bool {
+    ip.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
+}
+
+impl SourceMatch {
+    fn matches(&self, a: &RequestAttrs<'_>) -> bool {
+        let principal = a.principal();
+        let ns = a.namespace();
+        (self.principals.is_empty() || any_pat(&self.principals, principal))
+            && !any_pat(&self.not_principals, principal)
+            && (self.namespaces.is_empty() || any_pat(&self.namespaces, ns))
+            && !any_pat(&self.not_namespaces, ns)
+            && (self.ip_blocks.is_empty() || any_net(&self.ip_blocks, a.source_ip))
+            && !any_net(&self.not_ip_blocks, a.source_ip)
+            && (self.remote_ip_blocks.is_empty() || any_net(&self.remote_ip_blocks, a.remote()))
+            && !any_net(&self.not_remote_ip_blocks, a.remote())
+            && (self.workloads.is_empty()
+                || self.workloads.iter().any(|w| {
+                    ns == Some(w.namespace.as_str())
+                        && a.source_labels
+                            .is_some_and(|l| w.labels.iter().all(|(k, v)| l.get(k) == Some(v)))
+                }))
+    }
+}
+
+impl OperationMatch {
+    fn matches(&self, a: &RequestAttrs<'_>, lenient_l7: bool) -> bool {
+        let port_ok = (self.ports.is_empty() || self.ports.contains(&a.destination_port))
+            && !self.not_ports.contains(&a.destination_port);
+        if !port_ok {
+            return false;
+        }
+        // Hosts: the HTTP host, else the TLS SNI (so TLS passthrough can be authorized by name).
+        let host = a.http.map(|h| h.host).or(a.sni);
+        let hosts_set = !(self.hosts.is_empty() && self.not_hosts.is_empty());
+        match a.http {
+            Some(h) => {
+                (self.hosts.is_empty() || self.hosts.iter().any(|p| p.matches_ci(h.host)))
+                    && !self.not_hosts.iter().any(|p| p.matches_ci(h.host))
+                    && (self.methods.is_empty() || any_pat(&self.methods, Some(h.method)))
+                    && !any_pat(&self.not_methods, Some(h.method))
+                    && (self.paths.is_empty() || any_pat(&self.paths, Some(h.path)))
+                    && !any_pat(&self.not_paths, Some(h.path))
+            }
+            None => {
+                if self.needs_http() || (hosts_set && host.is_none()) {
+                    return lenient_l7;
+                }
+                match host {
+                    Some(h) => {
+                        (self.hosts.is_empty() || self.hosts.iter().any(|p| p.matches_ci(h)))
+                            && !self.not_hosts.iter().any(|p| p.matches_ci(h))
+                    }
+                    None => true,
+                }
+            }
+        }
+    }
+}
+
+impl Condition {
+    fn matches(&self, a: &RequestAttrs<'_>, lenient_l7: bool) -> bool {
+        let ip_in = |vals: &[String], ip: Option<IpAddr>| {
+            ip.is_some_and(|ip| {
+                vals.iter()
+                    .any(|v| parse_net(v).is_some_and(|n| n.contains(&ip)))
+            })
+        };
+        let str_in = |vals: &[String], s: Option<&str>| {
+            s.is_some_and(|s| vals.iter().any(|v| StrPattern::parse(v).matches(s)))
+        };
+        let check = |vals: &[String]| -> Option<bool> {
+            Some(match &self.key {
+                ConditionKey::SourceIp => ip_in(vals, a.source_ip),
+                ConditionKey::RemoteIp => ip_in(vals, a.remote()),
+                ConditionKey::DestinationIp => ip_in(vals, a.destination_ip),
+                ConditionKey::SourceNamespace => str_in(vals, a.namespace()),
+                ConditionKey::SourcePrincipal => str_in(vals, a.principal()),
+                ConditionKey::DestinationPort => vals
+                    .iter()
+                    .any(|v| v.parse::<u16>().ok() == Some(a.destination_port)),
+                ConditionKey::ConnectionSni => str_in(vals, a.sni),
+                ConditionKey::RequestHeader(name) => {
+                    let h = a.http?;
+                    let values: Vec<&str> = h
+                        .headers
+                        .get_all(name.as_str())
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    vals.iter().any(|v| {
+                        let p = StrPattern::parse(v);
+                        values.iter().any(|hv| p.matches(hv))
+                    })
+                }
+            })
+        };
+        let pos = if self.values.is_empty() {
+            Some(true)
+        } else {
+            check(&self.values)
+        };
+        let neg = if self.not_values.is_empty() {
+            Some(false)
+        } else {
+            check(&self.not_values)
+        };
+        match (pos, neg) {
+            (Some(p), Some(n)) => p && !n,
+            // HTTP-only condition evaluated at L4.
+            _ => lenient_l7,
+        }
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+// ---------------------------------------------------------------- compile
+
+pub(crate) fn compile(
+    name: NamespacedName,
+    spec: &m::AuthorizationPolicySpec,
+    e: &mut ObjErrors<'_>,
+) -> Option<Policy> {
+    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" => Action::Allow,
+        "DENY" => Action::Deny,
+        "AUDIT" => Action::Audit,
+        "CUSTOM" => {
+            e.push(
+                "spec.action",
+                "CUSTOM (external authorization) is not supported",
+            );
+            return None;
+        }
+        other => {
+            e.push(
+                "spec.action",
+                format!("unknown action {other:?} (ALLOW, DENY, AUDIT)"),
+            );
+            return None;
+        }
+    };
+    if spec.provider.is_some() {
+        e.push(
+            "spec.provider",
+            "provider is only meaningful with CUSTOM, which is not supported",
+        );
+    }
+    // `rules` absent: ALLOW matches nothing (Istio: allow-nothing); `rules: [{}]` matches all.
+    let rules = spec.rules.as_deref().unwrap_or(&[]);
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, r) in rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        let from = r
+            .from
+            .iter()
+            .enumerate()
+            .map(|(j, f)| {
+                source(
+                    &f.source,
+                    &name.namespace,
+                    &format!("{path}.from[{j}].source"),
+                    e,
+                )
+            })
+            .collect();
+        let to =
+            r.to.iter()
+                .enumerate()
+                .map(|(j, t)| operation(&t.operation, &format!("{path}.to[{j}].operation"), e))
+                .collect();
+        let when = r
+            .when
+            .iter()
+            .enumerate()
+            .filter_map(|(j, c)| condition(c, &format!("{path}.when[{j}]"), e))
+            .collect();
+        out.push(Rule { from, to, when });
+    }
+    Some(Policy {
+        name,
+        action,
+        rules: out,
+    })
+}
+
+fn pats(v: &[String]) -> Vec<StrPattern> {
+    v.iter().map(|s| StrPattern::parse(s)).collect()
+}
+
+fn nets(v: &[String], path: &str, e: &mut ObjErrors<'_>) -> Vec<IpNet> {
+    v.iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let n = parse_net(s);
+            if n.is_none() {
+                e.push(
+                    format!("{path}[{i}]"),
+                    format!("{s:?} is not an IP address or CIDR"),
+                );
+            }
+            n
+        })
+        .collect()
+}
+
+fn source(s: &m::Source, policy_ns: &str, path: &str, e: &mut ObjErrors<'_>) -> SourceMatch {
+    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+        let f = if s.request_principals.is_empty() {
+            "notRequestPrincipals"
+        } else {
+            "requestPrincipals"
+        };
+        e.push(
+            format!("{path}.{f}"),
+            "request principals (JWT) are not supported",
+        );
+    }
+    let mut principals = pats(&s.principals);
+    let mut not_principals = pats(&s.not_principals);
+    // serviceAccounts: `ns/sa` or `sa` (policy namespace) → principal suffix `/ns/<ns>/sa/<sa>`.
+    let sa = |v: &String| {
+        let (ns, sa) = v.split_once('/').unwrap_or((policy_ns, v));
+        StrPattern::Suffix(format!("/ns/{ns}/sa/{sa}"))
+    };
+    principals.extend(s.service_accounts.iter().map(sa));
+    not_principals.extend(s.not_service_accounts.iter().map(sa));
+    SourceMatch {
+        principals,
+        not_principals,
+        namespaces: pats(&s.namespaces),
+        not_namespaces: pats(&s.not_namespaces),
+        ip_blocks: nets(&s.ip_blocks, &format!("{path}.ipBlocks"), e),
+        not_ip_blocks: nets(&s.not_ip_blocks, &format!("{path}.notIpBlocks"), e),
+        remote_ip_blocks: nets(&s.remote_ip_blocks, &format!("{path}.remoteIpBlocks"), e),
+        not_remote_ip_blocks: nets(
+            &s.not_remote_ip_blocks,
+            &format!("{path}.notRemoteIpBlocks"),
+            e,
+        ),
+        workloads: Vec::new(),
+    }
+}
+
+fn ports(v: &[crate::model::IntOrString], path: &str, e: &mut ObjErrors<'_>) -> Vec<u16> {
+    v.iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let s = p.to_string();
+            let n = s.parse::<u16>().ok().filter(|n| *n != 0);
+            if n.is_none() {
+                e.push(
+                    format!("{path}[{i}]"),
+                    format!("{s:?} is not a port number"),
+                );
+            }
+            n
+        })
+        .collect()
+}
+
+fn operation(o: &m::Operation, path: &str, e: &mut ObjErrors<'_>) -> OperationMatch {
+    OperationMatch {
+        hosts: pats(&o.hosts),
+        not_hosts: pats(&o.not_hosts),
+        ports: ports(&o.ports, &format!("{path}.ports"), e),
+        not_ports: ports(&o.not_ports, &format!("{path}.notPorts"), e),
+        methods: pats(&o.methods),
+        not_methods: pats(&o.not_methods),
+        paths: pats(&o.paths),
+        not_paths: pats(&o.not_paths),
+    }
+}
+
+fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Condition> {
+    let key = match c.key.as_str() {
+        "source.ip" => ConditionKey::SourceIp,
+        "remote.ip" => ConditionKey::RemoteIp,
+        "source.namespace" => ConditionKey::SourceNamespace,
+        "source.principal" => ConditionKey::SourcePrincipal,
+        "destination.ip" => ConditionKey::DestinationIp,
+        "destination.port" => ConditionKey::DestinationPort,
+        "connection.sni" => ConditionKey::ConnectionSni,
+        k => match k
+            .strip_prefix("request.headers[")
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            Some(h) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+                ConditionKey::RequestHeader(h.to_ascii_lowercase())
+            }
+            _ => {
+                e.push(
+                    format!("{path}.key"),
+                    format!(
+                        "unsupported condition key {k:?} (supported: source.ip, remote.ip, source.namespace, \
+                         source.principal, destination.ip, destination.port, connection.sni, request.headers[<name>])"
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    if c.values.is_empty() && c.not_values.is_empty() {
+        e.push(path, "needs values or notValues");
+    }
+    let mut ok = true;
+    for (field, vals) in [("values", &c.values), ("notValues", &c.not_values)] {
+        for (i, v) in vals.iter().enumerate() {
+            let bad = match key {
+                ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
+                    parse_net(v).is_none()
+                }
+                ConditionKey::DestinationPort => v.parse::<u16>().is_err(),
+                _ => false,
+            };
+            if bad {
+                e.push(
+                    format!("{path}.{field}[{i}]"),
+                    format!("invalid value {v:?} for {}", c.key),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| Condition {
+        key,
+        values: c.values.clone(),
+        not_values: c.not_values.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::SourceRef;
+
+    fn policy(ns: &str, name: &str, yaml: &str) -> Arc<Policy> {
+        let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(yaml).unwrap();
+        let src = SourceRef {
+            file: "t.yaml".into(),
+            document: 1,
+        };
+        let mut out = Vec::new();
+        let mut e = ObjErrors {
+            source: &src,
+            kind: "AuthorizationPolicy",
+            object: format!("{ns}/{name}"),
+            out: &mut out,
+        };
+        let p = compile(NamespacedName::new(ns, name), &spec, &mut e).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        Arc::new(p)
+    }
+
+    fn set(ps: &[Arc<Policy>]) -> AuthzPolicies {
+        let mut s = AuthzPolicies::default();
+        for p in ps {
+            s.push(p.clone());
+        }
+        s
+    }
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+    const OTHER: &str = "spiffe://cluster.local/ns/other/sa/curl";
+
+    #[test]
+    fn evaluate_table() {
+        let allow_sleep_get = policy(
+            "istio-egress",
+            "allow-sleep",
+            r#"
+action: ALLOW
+rules:
+- from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]
+  to: [{operation: {methods: ["GET", "HEAD"], paths: ["/public*"]}}]
+"#,
+        );
+        let deny_admin = policy(
+            "istio-egress",
+            "deny-admin",
+            r#"
+action: DENY
+rules:
+- to: [{operation: {paths: ["/public/admin*"]}}]
+"#,
+        );
+        let audit_all = policy("istio-egress", "audit", "action: AUDIT\nrules: [{}]\n");
+        let allow_nothing = policy("istio-egress", "nothing", "{}");
+        let allow_ns = policy(
+            "istio-egress",
+            "allow-ns",
+            r#"
+rules:
+- from: [{source: {namespaces: ["other"], notIpBlocks: ["10.0.0.0/8"]}}]
+  to: [{operation: {ports: ["443"], hosts: ["*.aliyun.com"]}}]
+  when: [{key: connection.sni, values: ["www.aliyun.com"]}]
+"#,
+        );
+        let headers = http::HeaderMap::new();
+        let http = |method: &'static str, path: &'static str| HttpAttrs {
+            host: "aliyun.com",
+            method,
+            path,
+            headers: &headers,
+        };
+        let deny_none = Decision::Deny { policy: None };
+        let denied_by = |n: &str| Decision::Deny {
+            policy: Some(NamespacedName::new("istio-egress", n)),
+        };
+
+        struct Case<'a> {
+            name: &'a str,
+            set: AuthzPolicies,
+            attrs: RequestAttrs<'a>,
+            want: Decision,
+        }
+        let cases = vec![
+            Case {
+                name: "no policies allow",
+                set: set(&[]),
+                attrs: RequestAttrs::default(),
+                want: Decision::Allow,
+            },
+            Case {
+                name: "allow matches",
+                set: set(std::slice::from_ref(&allow_sleep_get)),
+                attrs: RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    destination_port: 80,
+                    http: Some(http("GET", "/public/x")),
+                    ..Default::default()
+                },
+                want: Decision::Allow,
+            },
+            Case {
+                name: "allow present, wrong method",
+                set: set(std::slice::from_ref(&allow_sleep_get)),
+                attrs: RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    destination_port: 80,
+                    http: Some(http("POST", "/public/x")),
+                    ..Default::default()
+                },
+                want: deny_none.clone(),
+            },
+            Case {
+                name: "allow present, wrong principal",
+                set: set(std::slice::from_ref(&allow_sleep_get)),
+                attrs: RequestAttrs {
+                    source_principal: Some(OTHER),
+                    http: Some(http("GET", "/public")),
+                    ..Default::default()
+                },
+                want: deny_none.clone(),
+            },
+            Case {
+                name: "deny beats allow",
+                set: set(&[allow_sleep_get.clone(), deny_admin.clone()]),
+                attrs: RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    http: Some(http("GET", "/public/admin/x")),
+                    ..Default::default()
+                },
+                want: denied_by("deny-admin"),
+            },
+            Case {
+                name: "audit never decides",
+                set: set(std::slice::from_ref(&audit_all)),
+                attrs: RequestAttrs::default(),
+                want: Decision::Allow,
+            },
+            Case {
+                name: "allow nothing",
+                set: set(std::slice::from_ref(&allow_nothing)),
+                attrs: RequestAttrs::default(),
+                want: deny_none.clone(),
+            },
+            Case {
+                name: "L4: allow with L7 rule does not match",
+                set: set(std::slice::from_ref(&allow_sleep_get)),
+                attrs: RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    destination_port: 80,
+                    ..Default::default()
+                },
+                want: deny_none.clone(),
+            },
+            Case {
+                name: "L4: deny with L7 rule denies (fail closed)",
+                set: set(std::slice::from_ref(&deny_admin)),
+                attrs: RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    destination_port: 80,
+                    ..Default::default()
+                },
+                want: denied_by("deny-admin"),
+            },
+            Case {
+                name: "TLS by SNI, namespace, port, not ipBlock",
+                set: set(std::slice::from_ref(&allow_ns)),
+                attrs: RequestAttrs {
+                    source_principal: Some(OTHER),
+                    source_ip: "192.168.0.1".parse().ok(),
+                    destination_port: 443,
+                    sni: Some("www.aliyun.com"),
+                    ..Default::default()
+                },
+                want: Decision::Allow,
+            },
+            Case {
+                name: "notIpBlocks excludes",
+                set: set(std::slice::from_ref(&allow_ns)),
+                attrs: RequestAttrs {
+                    source_principal: Some(OTHER),
+                    source_ip: "10.1.2.3".parse().ok(),
+                    destination_port: 443,
+                    sni: Some("www.aliyun.com"),
+                    ..Default::default()
+                },
+                want: deny_none.clone(),
+            },
+            Case {
+                name: "wrong SNI fails when",
+                set: set(std::slice::from_ref(&allow_ns)),
+                attrs: RequestAttrs {
+                    source_principal: Some(OTHER),
+                    destination_port: 443,
+                    sni: Some("api.aliyun.com"),
+                    ..Default::default()
+                },
+                want: deny_none.clone(),
+            },
+        ];
+        for c in cases {
+            assert_eq!(c.set.evaluate(&c.attrs), c.want, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn workload_selector_source() {
+        let mut p = (*policy("istio-egress", "asm", "rules: [{}]")).clone();
+        p.rules[0].from.push(SourceMatch {
+            workloads: vec![WorkloadSelector {
+                namespace: "default".into(),
+                labels: [("app".to_string(), "sleep".to_string())].into(),
+            }],
+            ..Default::default()
+        });
+        let s = set(&[Arc::new(p)]);
+        let sleep_labels: Labels = [
+            ("app".to_string(), "sleep".to_string()),
+            ("x".into(), "y".into()),
+        ]
+        .into();
+        let other_labels: Labels = [("app".to_string(), "curl".to_string())].into();
+        let ok = RequestAttrs {
+            source_principal: Some(SLEEP),
+            source_labels: Some(&sleep_labels),
+            ..Default::default()
+        };
+        assert_eq!(s.evaluate(&ok), Decision::Allow);
+        let wrong_labels = RequestAttrs {
+            source_labels: Some(&other_labels),
+            ..ok
+        };
+        assert!(!s.evaluate(&wrong_labels).is_allow());
+        let wrong_ns = RequestAttrs {
+            source_principal: Some(OTHER),
+            ..ok
+        };
+        assert!(!s.evaluate(&wrong_ns).is_allow());
+        let no_labels = RequestAttrs {
+            source_labels: None,
+            ..ok
+        };
+        assert!(!s.evaluate(&no_labels).is_allow());
+    }
+
+    #[test]
+    fn unsupported_when_key_is_named() {
+        let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(
+            "rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]",
+        )
+        .unwrap();
+        let src = SourceRef {
+            file: "t.yaml".into(),
+            document: 1,
+        };
+        let mut out = Vec::new();
+        let mut e = ObjErrors {
+            source: &src,
+            kind: "AuthorizationPolicy",
+            object: "ns/p".into(),
+            out: &mut out,
+        };
+        compile(NamespacedName::new("ns", "p"), &spec, &mut e);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].path.as_deref(), Some("spec.rules[0].when[0].key"));
+        assert!(
+            out[0].message.contains("request.auth.claims[iss]"),
+            "{}",
+            out[0].message
+        );
+    }
+
+    #[test]
+    fn patterns() {
+        let cases = [
+            ("*", "x", true),
+            ("*", "", false),
+            ("abc*", "abcdef", true),
+            ("*def", "abcdef", true),
+            ("abc", "abcd", false),
+        ];
+        for (p, v, want) in cases {
+            assert_eq!(StrPattern::parse(p).matches(v), want, "{p} {v}");
+        }
+    }
+}
