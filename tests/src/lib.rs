@@ -6,7 +6,8 @@
 //!   when dropped, also during a panic. [`Lab`]: a router namespace with a bridge and hosts
 //!   attached to it. Everything is built inside namespaces the test created: the root namespace's
 //!   addresses, routes and firewall are never touched.
-//! - Processes: [`ChildGuard`] (killed on drop, log printed if the test panicked), [`Nginx`],
+//! - Processes: [`ChildGuard`] (killed on drop, log printed if the test panicked, or failed inside
+//!   [`lab_test`] / [`lab_test_async`]), [`Nginx`],
 //!   [`start_dnsmasq`], [`Netns::curl`], [`Netns::wait_tcp`].
 //! - [`workspace_bin`]: the real binaries under test. They are not built by `cargo test` of this
 //!   package: `scripts/test` runs `cargo build --workspace --bins` first (by hand:
@@ -21,6 +22,7 @@ mod gate;
 mod lab;
 mod netns;
 mod process;
+pub mod seedlab;
 mod services;
 
 pub use bins::workspace_bin;
@@ -28,7 +30,7 @@ pub use curl::CurlOutput;
 pub use gate::{lab_enabled, require_root, require_tools};
 pub use lab::{Host, Lab};
 pub use netns::Netns;
-pub use process::{ChildGuard, wait_until};
+pub use process::{ChildGuard, lab_test, lab_test_async, wait_until};
 pub use services::{Nginx, NginxConfig, start_dnsmasq};
 
 /// Re-exported so tests need only this crate for namespace sockets and capture rules.

@@ -1,0 +1,518 @@
+//! Inbound: HBONE on 15008 and plaintext on 15006, both inside the pod's namespace.
+//!
+//! HBONE: the peer is authenticated by mTLS (the pod's certificate; client certificates of our
+//! trust domain only). Each CONNECT is checked ([`check_inbound`], pure): the authority must be
+//! one of the pod's own addresses (else 400), then the pod's L4 AuthorizationPolicies decide
+//! (DENY before ALLOW; 401 on deny). An accepted tunnel is spliced to the application at the
+//! pod's `ip:port`, dialled from inside the namespace with the mark so it is not captured again.
+//!
+//! Plaintext (15006): the same policy with no peer identity; the source IP is the socket's.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use mesh_config::authz::Decision;
+use mesh_config::{RequestAttrs, Snapshot, Workload};
+use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy, WorkloadLabels};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::conn::{ByteCounts, Counted, reset, splice_tcp};
+use crate::metrics::{ConnTrace, principal_labels, workload_labels};
+use crate::outbound::canonical;
+use crate::pods::PodCtx;
+
+/// Bound on dialling the application.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The verdict on an inbound connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundVerdict {
+    Allow,
+    /// The target is not this pod (HBONE: 400).
+    WrongTarget,
+    /// Denied by policy (HBONE: 401); names the DENY policy when one matched.
+    Denied {
+        policy: Option<String>,
+    },
+}
+
+/// Checks a connection to `target` (an `ip:port` of the pod) from `source_ip`, authenticated as
+/// `principal` when it came over HBONE.
+pub fn check_inbound(
+    snap: &Snapshot,
+    pod: &Workload,
+    principal: Option<&str>,
+    source_ip: IpAddr,
+    target: SocketAddr,
+) -> InboundVerdict {
+    if !pod.ips.contains(&target.ip()) {
+        return InboundVerdict::WrongTarget;
+    }
+    // Source labels only when the workload at the source address is the authenticated peer.
+    let source_labels = snap
+        .workload_by_ip(source_ip)
+        .filter(|w| principal.is_some_and(|p| w.identity.to_string() == p))
+        .map(|w| &w.labels);
+    let attrs = RequestAttrs {
+        source_principal: principal,
+        source_labels,
+        source_ip: Some(source_ip),
+        destination_ip: Some(target.ip()),
+        destination_port: target.port(),
+        ..RequestAttrs::default()
+    };
+    match snap.authz_for_workload(pod).evaluate(&attrs) {
+        Decision::Allow => InboundVerdict::Allow,
+        Decision::Deny { policy } => InboundVerdict::Denied {
+            policy: policy.map(|p| p.to_string()),
+        },
+    }
+}
+
+fn source_labels(snap: &Snapshot, source_ip: IpAddr, principal: Option<&str>) -> WorkloadLabels {
+    let by_ip = snap.workload_by_ip(source_ip);
+    match (by_ip, principal) {
+        (Some(w), Some(p)) if w.identity.to_string() == p => workload_labels(w),
+        (_, Some(p)) => principal_labels(p),
+        (Some(w), None) => WorkloadLabels {
+            // Unauthenticated: the workload is a guess from the address, never a principal.
+            workload: w.name.name.clone(),
+            namespace: w.name.namespace.clone(),
+            ..WorkloadLabels::default()
+        },
+        (None, None) => WorkloadLabels::default(),
+    }
+}
+
+/// HBONE accept loop; each TCP connection is served (TLS + HTTP/2) on its own tracked task and
+/// gets GOAWAY when the pod stops.
+pub(crate) async fn serve_hbone(ctx: Arc<PodCtx>, listener: TcpListener, server: hbone::Server) {
+    let handler = Arc::new(InboundHandler { ctx: ctx.clone() });
+    loop {
+        tokio::select! {
+            () = ctx.stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let server = server.clone();
+                    let handler = handler.clone();
+                    let stop = ctx.stop.clone();
+                    let force = ctx.force.clone();
+                    ctx.spawn_conn(async move {
+                        tokio::select! {
+                            // Failures are logged by the server.
+                            _ = server.serve_connection(tcp, handler, stop.cancelled_owned()) => {}
+                            () = force.cancelled() => {}
+                        }
+                    });
+                }
+                Err(error) => {
+                    warn!(%error, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    debug!("HBONE listener closed");
+}
+
+struct InboundHandler {
+    ctx: Arc<PodCtx>,
+}
+
+impl hbone::Handler for InboundHandler {
+    async fn handle(&self, connect: hbone::IncomingConnect) {
+        let ctx = self.ctx.clone();
+        let meta = connect.meta();
+        let span =
+            info_span!("inbound", src = %canonical(meta.remote_addr), peer = %meta.peer_identity);
+        handle_connect(ctx, connect).instrument(span).await;
+    }
+}
+
+async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingConnect) {
+    let meta = connect.meta().clone();
+    let target = canonical(meta.authority);
+    let remote = canonical(meta.remote_addr);
+    // The client pod's address: HBONE sockets are created in the client pod's namespace.
+    let source = meta
+        .forwarded
+        .as_ref()
+        .and_then(|f| f.client_addr())
+        .map(canonical)
+        .filter(|client| client.ip() == remote.ip())
+        .unwrap_or(remote);
+    let principal = meta.peer_identity.to_string();
+    let snap = ctx.shared.store.current();
+    let pod = ctx.workload(&snap);
+    let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
+    trace.entry.dst_hbone_addr = Some(meta.authority.to_string());
+    trace.set_source(source_labels(&snap, remote.ip(), Some(&principal)));
+    trace.set_destination(workload_labels(&pod));
+    trace.set_security(SecurityPolicy::MutualTls);
+    match check_inbound(&snap, &pod, Some(&principal), remote.ip(), target) {
+        InboundVerdict::Allow => {}
+        InboundVerdict::WrongTarget => {
+            warn!(authority = %meta.authority, "CONNECT target is not this pod: 400");
+            connect.reject(StatusCode::BAD_REQUEST);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::NoRouteFound),
+                Some(format!(
+                    "authority {} is not an address of {}",
+                    meta.authority, ctx.name
+                )),
+            );
+            return;
+        }
+        InboundVerdict::Denied { policy } => {
+            let why = denial(&principal, policy.as_deref());
+            warn!(%target, reason = %why, "inbound connection denied: 401");
+            connect.reject(StatusCode::UNAUTHORIZED);
+            trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
+            return;
+        }
+    }
+    let app = tokio::time::timeout(
+        APP_CONNECT_TIMEOUT,
+        inpod::connect_in(&ctx.netns, target, Some(crate::MARK)),
+    )
+    .await;
+    let mut app = match app {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            warn!(%target, %error, "application unreachable: 503");
+            connect.reject(StatusCode::SERVICE_UNAVAILABLE);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some(error.to_string()),
+            );
+            return;
+        }
+        Err(_) => {
+            warn!(%target, "application connect timed out: 504");
+            connect.reject(StatusCode::GATEWAY_TIMEOUT);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some("connect timed out".into()),
+            );
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    trace.opened();
+    let mut tunnel = match connect.accept() {
+        Ok(tunnel) => tunnel,
+        Err(error) => {
+            debug!(%error, "client went away before the CONNECT was answered");
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::DownstreamConnectionTermination),
+                Some(error.to_string()),
+            );
+            return;
+        }
+    };
+    let counts = ByteCounts::default();
+    // Towards the application is what the client sent.
+    let mut counted = Counted::new(&mut app, counts.received.clone(), counts.sent.clone());
+    let copied = tokio::select! {
+        copied = hbone::copy_bidirectional(&mut tunnel, &mut counted) => copied.map_err(|e| e.to_string()),
+        () = ctx.force.cancelled() => Err("drain period over".to_owned()),
+    };
+    match copied {
+        Ok(_) => trace.finish(
+            counts.sent(),
+            counts.received(),
+            ConnectionOutcome::Success,
+            None,
+            None,
+        ),
+        Err(error) => {
+            reset(app);
+            trace.finish(
+                counts.sent(),
+                counts.received(),
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionTermination),
+                Some(error),
+            );
+        }
+    }
+}
+
+fn denial(principal: &str, policy: Option<&str>) -> String {
+    match policy {
+        Some(policy) => format!("{principal} denied by AuthorizationPolicy {policy}"),
+        None => format!("{principal} matched no ALLOW AuthorizationPolicy"),
+    }
+}
+
+/// Plaintext inbound (15006) accept loop.
+pub(crate) async fn serve_plaintext(ctx: Arc<PodCtx>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            () = ctx.stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = info_span!("inbound_plaintext", src = %canonical(peer));
+                    ctx.spawn_conn(handle_plaintext(ctx.clone(), stream, canonical(peer)).instrument(span));
+                }
+                Err(error) => {
+                    warn!(%error, "plaintext inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    debug!("plaintext inbound listener closed");
+}
+
+async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let target = match inpod::original_dst(&stream) {
+        Ok(dst) => canonical(dst),
+        Err(error) => {
+            warn!(%error, "plaintext inbound connection without an original destination; resetting");
+            reset(stream);
+            return;
+        }
+    };
+    let snap = ctx.shared.store.current();
+    let pod = ctx.workload(&snap);
+    let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
+    trace.set_source(source_labels(&snap, source.ip(), None));
+    trace.set_destination(workload_labels(&pod));
+    trace.set_security(SecurityPolicy::None);
+    match check_inbound(&snap, &pod, None, source.ip(), target) {
+        InboundVerdict::Allow => {}
+        InboundVerdict::WrongTarget => {
+            warn!(%target, "plaintext connection not addressed to this pod; resetting");
+            reset(stream);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::NoRouteFound),
+                Some("not addressed to this pod".into()),
+            );
+            return;
+        }
+        InboundVerdict::Denied { policy } => {
+            let why = denial("unauthenticated plaintext client", policy.as_deref());
+            warn!(%target, reason = %why, "plaintext inbound connection denied");
+            reset(stream);
+            trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
+            return;
+        }
+    }
+    let app = tokio::time::timeout(
+        APP_CONNECT_TIMEOUT,
+        inpod::connect_in(&ctx.netns, target, Some(crate::MARK)),
+    )
+    .await;
+    let mut app = match app {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            reset(stream);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some(error.to_string()),
+            );
+            return;
+        }
+        Err(_) => {
+            reset(stream);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some("connect timed out".into()),
+            );
+            return;
+        }
+    };
+    trace.opened();
+    let counts = ByteCounts::default();
+    let copied = tokio::select! {
+        copied = splice_tcp(&mut stream, &mut app, &counts) => copied.map_err(|e| e.to_string()),
+        () = ctx.force.cancelled() => Err("drain period over".to_owned()),
+    };
+    match copied {
+        Ok(()) => trace.finish(
+            counts.sent(),
+            counts.received(),
+            ConnectionOutcome::Success,
+            None,
+            None,
+        ),
+        Err(error) => {
+            reset(stream);
+            trace.finish(
+                counts.sent(),
+                counts.received(),
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionTermination),
+                Some(error),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  labels: {app: web}
+  annotations: {strait.dev/netns: /run/netns/web}
+spec: {nodeName: node-1, serviceAccountName: web}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: front
+  annotations: {strait.dev/netns: /run/netns/client}
+spec: {nodeName: node-1, serviceAccountName: client}
+status: {podIP: 10.244.1.11}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-front, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: [front]}}]
+  - from: [{source: {ipBlocks: [192.0.2.0/24]}}]
+    to: [{operation: {ports: ["8080"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-banned, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/front/sa/banned]}}]
+"#;
+
+    #[test]
+    fn inbound_table() {
+        let snap = mesh_config::load_sources([("mesh.yaml", MESH)]).expect("compiles");
+        let pod = snap
+            .workload_by_ip("10.244.1.10".parse().expect("ip"))
+            .expect("pod")
+            .clone();
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let sa = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let cases: Vec<(&str, Option<&str>, &str, &str, InboundVerdict)> = vec![
+            (
+                "allowed namespace",
+                Some("spiffe://cluster.local/ns/front/sa/client"),
+                "10.244.1.11",
+                "10.244.1.10:80",
+                InboundVerdict::Allow,
+            ),
+            (
+                "authority is another address",
+                Some("spiffe://cluster.local/ns/front/sa/client"),
+                "10.244.1.11",
+                "10.244.1.99:80",
+                InboundVerdict::WrongTarget,
+            ),
+            (
+                "DENY beats the namespace ALLOW",
+                Some("spiffe://cluster.local/ns/front/sa/banned"),
+                "10.244.1.11",
+                "10.244.1.10:80",
+                InboundVerdict::Denied {
+                    policy: Some("shop/deny-banned".into()),
+                },
+            ),
+            (
+                "other namespace matches no ALLOW",
+                Some("spiffe://cluster.local/ns/other/sa/x"),
+                "10.244.1.11",
+                "10.244.1.10:80",
+                InboundVerdict::Denied { policy: None },
+            ),
+            (
+                "plaintext from an allowed ipBlock on an allowed port",
+                None,
+                "192.0.2.7",
+                "10.244.1.10:8080",
+                InboundVerdict::Allow,
+            ),
+            (
+                "plaintext from the ipBlock, other port",
+                None,
+                "192.0.2.7",
+                "10.244.1.10:80",
+                InboundVerdict::Denied { policy: None },
+            ),
+        ];
+        for (what, principal, src, target, want) in cases {
+            assert_eq!(
+                check_inbound(&snap, &pod, principal, ip(src), sa(target)),
+                want,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_policy_allows() {
+        let snap = mesh_config::load_sources([("mesh.yaml", MESH)]).expect("compiles");
+        let client = snap
+            .workload_by_ip("10.244.1.11".parse().expect("ip"))
+            .expect("pod")
+            .clone();
+        assert_eq!(
+            check_inbound(
+                &snap,
+                &client,
+                None,
+                "203.0.113.1".parse().expect("ip"),
+                "10.244.1.11:80".parse().expect("addr")
+            ),
+            InboundVerdict::Allow
+        );
+    }
+
+    #[test]
+    fn source_labels_trust_only_matching_identity() {
+        let snap = mesh_config::load_sources([("mesh.yaml", MESH)]).expect("compiles");
+        let ip: IpAddr = "10.244.1.11".parse().expect("ip");
+        let good = source_labels(&snap, ip, Some("spiffe://cluster.local/ns/front/sa/client"));
+        assert_eq!(good.workload, "client");
+        let spoofed = source_labels(&snap, ip, Some("spiffe://cluster.local/ns/evil/sa/x"));
+        assert_eq!(
+            (spoofed.workload.as_str(), spoofed.namespace.as_str()),
+            ("", "evil")
+        );
+    }
+}
