@@ -603,9 +603,12 @@ async fn ztunnel_carries_pod_traffic_over_hbone() -> Result<()> {
     let generation = blocking(|| node1.generation())?;
     lab.write("mesh.yaml", &mesh_yaml("REGISTRY_ONLY"))?;
     blocking(|| wait_reload(&node1, generation))?;
+    // Refused like Envoy's BlackHoleCluster: ztunnel itself answers HTTP with a 502.
     let out = blocking(|| lab.client.curl(&["-m", "10", &format!("http://{WEB}/")]))?;
     ensure!(
-        out.status == 0 && out.exit_code != 0,
+        out.status == 502
+            && out.header("server") == Some("envoy")
+            && out.body_text().contains("REGISTRY_ONLY"),
         "REGISTRY_ONLY must refuse {WEB}: {out:?}"
     );
     blocking(|| node1.child.wait_for_log("REGISTRY_ONLY", WAIT))?;

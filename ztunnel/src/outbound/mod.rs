@@ -5,7 +5,10 @@
 //! pod's namespace with mark 0x539) or dial directly from the pod's namespace (marked too), and
 //! splice both ways with half-close. Refusals and failures reset the client (SO_LINGER 0), so
 //! it fails fast instead of hanging or reading an empty answer; each is logged with its reason.
+//! The exception is REGISTRY_ONLY's refusal, which answers HTTP/1 requests `502 Bad Gateway`
+//! the way Envoy's BlackHoleCluster does (`blackhole.rs`).
 
+mod blackhole;
 mod decide;
 
 pub use decide::{
@@ -76,8 +79,26 @@ async fn handle(ctx: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) {
     trace.set_source(workload_labels(&source));
     let action = decide_outbound(&snap, &source, dst);
     let fwd = match action {
+        OutboundAction::Deny(reason @ DenyReason::RegistryOnly { .. }) => {
+            // Envoy's BlackHoleCluster: HTTP clients get a 502 saying why, others a reset.
+            let counts = ByteCounts::default();
+            let answer = tokio::select! {
+                answer = blackhole::refuse(stream, dst, &counts) => answer,
+                // Dropping the socket mid-way resets it (SO_LINGER 0 until the 502 is out).
+                () = ctx.force.cancelled() => blackhole::Answer::Reset("drain period over".into()),
+            };
+            warn!(%dst, %reason, %answer, "outbound connection refused");
+            trace.finish(
+                counts.sent(),
+                counts.received(),
+                ConnectionOutcome::Denied,
+                Some(ResponseFlag::NoRouteFound),
+                Some(format!("{reason}; {answer}")),
+            );
+            return;
+        }
         OutboundAction::Deny(reason) => {
-            warn!(%dst, %reason, "outbound connection refused");
+            warn!(%dst, %reason, "outbound connection refused; resetting");
             reset(stream);
             let flag = match reason {
                 DenyReason::NoEndpoints { .. } => ResponseFlag::NoHealthyUpstream,
