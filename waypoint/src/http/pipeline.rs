@@ -1,0 +1,736 @@
+//! One HTTP request through the waypoint:
+//!
+//! 1. `x-request-id` (generated if absent), log fields from the request and the tunnel;
+//! 2. unregistered destination (REGISTRY_ONLY) → 502;
+//! 3. AuthorizationPolicy → 403 `RBAC: access denied`;
+//! 4. route planning → 404 (no match), redirect, direct response or a destination;
+//! 5. fault injection: delay, then abort;
+//! 6. the upstream request: rewrite, header operations, mirrors (fire and forget), tries with
+//!    per-try timeouts and retries inside the route timeout;
+//! 7. the response: header operations, `server`, `x-envoy-upstream-service-time`; the access
+//!    log line and metrics are written when its body ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use mesh_config::route::{AbortStatus, HeaderOps, HttpRequestInfo, HttpRoute};
+use mesh_config::{Service, ServicePort, Snapshot};
+use telemetry::ResponseFlag;
+use tracing::debug;
+
+use super::body::{self, BodyEnd, Counted, OnEnd, ProxyBody, RequestBody};
+use super::headers::{self, X_ENVOY_UPSTREAM_SERVICE_TIME, X_FORWARDED_PROTO};
+use super::retry::{Outcome, RetryPlan};
+use super::route::{self, Plan};
+use super::{ConnCtx, authz, mirror};
+use crate::observe::{self, RequestLog};
+use crate::proxy::Proxy;
+use crate::upstream::{Cluster, ClusterRequest, HttpVersion, PooledBody, UpstreamError};
+
+/// Handles one request; never fails (errors become local replies).
+pub async fn handle(
+    proxy: &Arc<Proxy>,
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snap = proxy.store.current();
+    let mut log = RequestLog::new(
+        start,
+        SystemTime::now(),
+        &ctx.downstream,
+        ctx.source.clone(),
+    );
+    let (mut parts, incoming) = req.into_parts();
+    let body = Counted::new(incoming, log.request_bytes.clone()).boxed_unsync();
+
+    let request_id = headers::ensure_request_id(&mut parts.headers);
+    let authority = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .or_else(|| ctx.target.as_ref().map(|(s, _)| s.hostname.clone()))
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    let e = &mut log.entry;
+    e.method = Some(parts.method.to_string());
+    e.path = Some(path.clone());
+    e.protocol = Some(headers::protocol_name(parts.version).to_owned());
+    e.authority = Some(authority.clone());
+    e.request_id = Some(request_id);
+    e.user_agent = header_string(&parts.headers, USER_AGENT.as_str());
+    e.x_forwarded_for = header_string(&parts.headers, "x-forwarded-for");
+    log.grpc = headers::is_grpc(&parts.headers);
+
+    let Some((service, port)) = ctx.target.clone() else {
+        log.entry.upstream_cluster = Some("BlackHoleCluster".to_owned());
+        log.flag(ResponseFlag::NoRouteFound);
+        let msg = format!(
+            "{authority} ({}) is not a registered service and the mesh's outbound traffic policy is REGISTRY_ONLY\n",
+            ctx.downstream.local
+        );
+        return local_reply(proxy, log, StatusCode::BAD_GATEWAY, msg, "registry_only");
+    };
+    log.service = Some(service.clone());
+
+    // Authorization.
+    let decision = {
+        let request = authz::HttpRequest {
+            host: &authority,
+            method: parts.method.as_str(),
+            path: &path,
+            headers: &parts.headers,
+        };
+        let attrs = authz::attrs(
+            &ctx.downstream,
+            &ctx.principal,
+            port.port,
+            None,
+            Some(request),
+        );
+        authz::decide(&snap, &proxy.gateway, Some(&service), &attrs)
+    };
+    if !decision.is_allow() {
+        debug!(?decision, "request denied by policy");
+        let details = authz::denial_details(&decision);
+        return local_reply(
+            proxy,
+            log,
+            StatusCode::FORBIDDEN,
+            "RBAC: access denied".into(),
+            &details,
+        );
+    }
+
+    // Routing.
+    let source_labels = observe::source_workload_labels(&snap, &ctx.downstream);
+    let info = HttpRequestInfo {
+        method: parts.method.as_str(),
+        path: &path,
+        authority: &authority,
+        scheme: "http",
+        port: port.port,
+        headers: &parts.headers,
+        source_namespace: Some(ctx.downstream.peer_identity.namespace.as_str()),
+        source_labels,
+    };
+    let routes = snap.routes_for_host(&service.hostname).map(|r| r.as_ref());
+    let plan = route::plan(routes, &service.hostname, &info, fastrand::u64(..));
+    log.entry.route_name = Some(plan.route_name().to_owned());
+    let the_route = route::route_of(&plan);
+    let response_ops: Vec<&HeaderOps> = the_route.map(|r| &r.headers).into_iter().collect();
+    let (route_match, dest, dest_headers) = match plan {
+        Plan::Forward {
+            route,
+            dest,
+            dest_headers,
+        } => (route, dest, dest_headers),
+        Plan::NoMatch => {
+            log.flag(ResponseFlag::NoRouteFound);
+            return local_reply(
+                proxy,
+                log,
+                StatusCode::NOT_FOUND,
+                String::new(),
+                "route_not_found",
+            );
+        }
+        Plan::NoDestination { .. } => {
+            log.flag(ResponseFlag::NoHealthyUpstream);
+            return local_reply(
+                proxy,
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream".into(),
+                "no_healthy_upstream",
+            );
+        }
+        Plan::Redirect {
+            status, location, ..
+        } => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            if let Some(v) = headers::value(&location) {
+                resp.headers_mut().insert(LOCATION, v);
+            }
+            apply_response_ops(resp.headers_mut(), &response_ops, None);
+            log.entry.response_code_details = Some("direct_response".into());
+            return finish(proxy, log, resp);
+        }
+        Plan::Direct {
+            status, body: text, ..
+        } => {
+            let text = text.unwrap_or_default();
+            let mut resp = Response::new(body::full(text.clone()));
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            if !text.is_empty() {
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            apply_response_ops(resp.headers_mut(), &response_ops, None);
+            log.entry.response_code_details = Some("direct_response".into());
+            return finish(proxy, log, resp);
+        }
+    };
+    let route: Option<&HttpRoute> = route_match.map(|m| m.route);
+
+    // Faults: the delay first, then the abort (Envoy's order).
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(delay) = fault.delay_for(fastrand::f64() * 100.0) {
+            log.flag(ResponseFlag::DelayInjected);
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(abort) = fault.abort_for(fastrand::f64() * 100.0) {
+            log.flag(ResponseFlag::FaultInjected);
+            return abort_reply(proxy, log, abort);
+        }
+    }
+
+    // The destination cluster.
+    let Some((dest_service, dest_port)) =
+        destination(&snap, &service, &port, &dest.host, dest.port)
+    else {
+        log.flag(ResponseFlag::NoClusterFound);
+        log.entry.upstream_cluster = Some(format!(
+            "outbound|{}|{}|{}",
+            dest.port.unwrap_or(port.port),
+            dest.subset.as_deref().unwrap_or(""),
+            dest.host
+        ));
+        return local_reply(
+            proxy,
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster not found".into(),
+            "cluster_not_found",
+        );
+    };
+    let downstream_version = if parts.version == http::Version::HTTP_2 {
+        HttpVersion::Http2
+    } else {
+        HttpVersion::Http1
+    };
+    let cluster = proxy.upstream.clusters.get(
+        &snap,
+        &proxy.gateway,
+        &dest_service,
+        &dest_port,
+        dest.subset.as_deref(),
+        ClusterRequest {
+            original: Some(ctx.downstream.local),
+            request_host: Some(&authority),
+            downstream: downstream_version,
+        },
+    );
+    log.entry.upstream_cluster = Some(cluster.name.clone());
+    if let Some(tls) = &cluster.tls {
+        debug!(sni = %tls.sni, "originating TLS");
+    }
+
+    // The request as sent upstream.
+    let mut out = Outgoing {
+        method: parts.method.clone(),
+        path: route_match
+            .and_then(|m| m.rewritten_path(&path))
+            .unwrap_or_else(|| path.clone()),
+        authority: route
+            .and_then(|r| r.rewrite.as_ref())
+            .and_then(|rw| rw.authority.clone())
+            .unwrap_or_else(|| authority.clone()),
+        headers: parts.headers,
+    };
+    headers::remove_hop_by_hop(&mut out.headers);
+    out.headers.remove(HOST);
+    out.headers
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(r) = route {
+        r.headers.request.apply(&mut out.headers);
+    }
+    if let Some(ops) = dest_headers {
+        ops.request.apply(&mut out.headers);
+    }
+
+    let retry = RetryPlan::from_route(route.and_then(|r| r.retries.as_ref()));
+    let mirrors = route.map(|r| r.mirrors.as_slice()).unwrap_or_default();
+    let want_replay = retry.retries > 0 || !mirrors.is_empty();
+    let req_body = if want_replay {
+        match body::buffer(body, proxy.max_buffered_body).await {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(error = %e, "downstream request body failed");
+                log.flag(ResponseFlag::DownstreamConnectionTermination);
+                return local_reply(
+                    proxy,
+                    log,
+                    StatusCode::BAD_REQUEST,
+                    "request body error".into(),
+                    "downstream_body_error",
+                );
+            }
+        }
+    } else {
+        RequestBody::Streaming(body)
+    };
+
+    if let RequestBody::Buffered(buffered) = &req_body {
+        for m in mirrors {
+            if fastrand::f64() * 100.0 < m.percentage {
+                mirror::spawn(
+                    proxy,
+                    &snap,
+                    &service,
+                    &port,
+                    &m.destination,
+                    &out,
+                    buffered,
+                    downstream_version,
+                    ctx.downstream.local,
+                );
+            }
+        }
+    } else if !mirrors.is_empty() {
+        debug!("request body too large to mirror; mirror skipped");
+    }
+
+    // Upstream, with retries, inside the route timeout.
+    let upstream_start = Instant::now();
+    let mut info = TryInfo::default();
+    let attempt = forward(proxy, &snap, &cluster, &out, req_body, &retry, &mut info);
+    let result = match route.and_then(|r| r.timeout).filter(|t| !t.is_zero()) {
+        Some(t) => match tokio::time::timeout(t, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Timeout),
+        },
+        None => attempt.await,
+    };
+    let upstream_ms = observe::millis(upstream_start.elapsed());
+    log.entry.upstream_host = info.host;
+    log.entry.upstream_local_address = info.local;
+    if info.retry_limit_hit {
+        log.flag(ResponseFlag::UpstreamRetryLimitExceeded);
+    }
+    match result {
+        Ok(resp) => {
+            log.entry.upstream_service_time = Some(upstream_ms);
+            log.entry.response_code_details = Some("via_upstream".into());
+            let (mut rparts, rbody) = resp.into_parts();
+            headers::remove_hop_by_hop(&mut rparts.headers);
+            apply_response_ops(&mut rparts.headers, &response_ops, dest_headers);
+            if let Ok(v) = HeaderValue::from_str(&upstream_ms.to_string()) {
+                rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
+            }
+            finish(proxy, log, Response::from_parts(rparts, rbody))
+        }
+        Err(failure) => {
+            let (status, flag, text, details) = failure.reply();
+            log.flag(flag);
+            log.entry.upstream_transport_failure_reason = failure.transport_failure_reason();
+            local_reply(proxy, log, status, text, details)
+        }
+    }
+}
+
+fn header_string(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The service and port a route destination names: the tunnel's own service when the host is
+/// its host, else the registry's (exact host, then wildcard entries).
+fn destination(
+    snap: &Snapshot,
+    service: &Arc<Service>,
+    port: &ServicePort,
+    host: &str,
+    dest_port: Option<u16>,
+) -> Option<(Arc<Service>, ServicePort)> {
+    let svc = if host == service.hostname {
+        service.clone()
+    } else {
+        snap.service_by_host(host)?.clone()
+    };
+    let number = dest_port.unwrap_or(port.port);
+    let sp = svc.port(number).cloned().or_else(|| {
+        // A single-port destination named without a port uses that port (Istio's rule).
+        (dest_port.is_none() && svc.ports.len() == 1).then(|| svc.ports[0].clone())
+    })?;
+    Some((svc, sp))
+}
+
+fn apply_response_ops(h: &mut HeaderMap, route: &[&HeaderOps], dest: Option<&HeaderOps>) {
+    for ops in route.iter().copied().chain(dest) {
+        ops.response.apply(h);
+    }
+}
+
+/// Puts the proxy's headers on `resp` and arranges for the log line when its body ends.
+fn finish<B>(proxy: &Arc<Proxy>, mut log: RequestLog, mut resp: Response<B>) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<body::BoxError>,
+{
+    if let Some(server) = &proxy.server_header {
+        resp.headers_mut().insert(SERVER, server.clone());
+    }
+    log.entry.response_code = resp.status().as_u16();
+    let p = proxy.clone();
+    resp.map(move |b| {
+        OnEnd::new(b, move |bytes, how: BodyEnd| log.finish(&p, bytes, how)).boxed_unsync()
+    })
+}
+
+/// A response made by the waypoint itself (Envoy's "local reply").
+fn local_reply(
+    proxy: &Arc<Proxy>,
+    mut log: RequestLog,
+    status: StatusCode,
+    text: String,
+    details: &str,
+) -> Response<ProxyBody> {
+    log.entry.response_code_details = Some(details.to_owned());
+    let len = text.len();
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    if len > 0 {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    finish(proxy, log, resp)
+}
+
+fn abort_reply(proxy: &Arc<Proxy>, log: RequestLog, abort: &AbortStatus) -> Response<ProxyBody> {
+    match abort {
+        AbortStatus::Http(code) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            local_reply(
+                proxy,
+                log,
+                status,
+                "fault filter abort".into(),
+                "fault_filter_abort",
+            )
+        }
+        AbortStatus::Grpc(grpc) => {
+            let mut resp = Response::new(body::empty());
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            if let Some(v) = headers::value(&grpc_code(grpc).to_string()) {
+                h.insert("grpc-status", v);
+            }
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            let mut log = log;
+            log.entry.response_code_details = Some("fault_filter_abort".into());
+            finish(proxy, log, resp)
+        }
+        // A stream reset cannot be produced from inside a hyper service; answer 503 instead.
+        AbortStatus::Http2Error(_) => local_reply(
+            proxy,
+            log,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fault filter abort".into(),
+            "fault_filter_abort",
+        ),
+    }
+}
+
+/// gRPC status name (Istio's `grpcStatus: UNAVAILABLE`) or number → code.
+fn grpc_code(s: &str) -> u8 {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    s.parse()
+        .ok()
+        .or_else(|| {
+            NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(s))
+                .and_then(|i| u8::try_from(i).ok())
+        })
+        .unwrap_or(2)
+}
+
+/// The request as sent upstream, reusable across tries.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    /// Sent as `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+    pub authority: String,
+    /// Without `Host` and hop-by-hop headers.
+    pub headers: HeaderMap,
+}
+
+impl Outgoing {
+    pub fn to_request(
+        &self,
+        version: HttpVersion,
+        tls: bool,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, http::Error> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.headers_mut() = self.headers.clone();
+        match version {
+            HttpVersion::Http1 => {
+                *req.uri_mut() = Uri::try_from(self.path.as_str())?;
+                req.headers_mut()
+                    .insert(HOST, HeaderValue::try_from(self.authority.as_str())?);
+            }
+            HttpVersion::Http2 => {
+                let scheme = if tls { "https" } else { "http" };
+                *req.uri_mut() = Uri::builder()
+                    .scheme(scheme)
+                    .authority(self.authority.as_str())
+                    .path_and_query(self.path.as_str())
+                    .build()?;
+                *req.version_mut() = http::Version::HTTP_2;
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug)]
+pub enum Failure {
+    Upstream(UpstreamError),
+    /// The request failed on an established connection (reset, closed, protocol error).
+    Send {
+        error: hyper::Error,
+        refused: bool,
+    },
+    /// The per-try or route timeout fired.
+    Timeout,
+    /// The request could not be expressed (bad rewritten path or authority).
+    BadRequest(http::Error),
+}
+
+impl Failure {
+    fn outcome(&self) -> Outcome<'static> {
+        match self {
+            Failure::Upstream(UpstreamError::Overflow { .. }) => Outcome::Overflow,
+            Failure::Upstream(_) => Outcome::ConnectFailure,
+            Failure::Send { refused: true, .. } => Outcome::RefusedStream,
+            Failure::Send { .. } => Outcome::Reset,
+            Failure::Timeout => Outcome::Timeout,
+            Failure::BadRequest(_) => Outcome::Overflow,
+        }
+    }
+
+    /// Status, flag, body and response code details of the local reply.
+    fn reply(&self) -> (StatusCode, ResponseFlag, String, &'static str) {
+        match self {
+            Failure::Upstream(e) => {
+                let details = match e {
+                    UpstreamError::NoHealthyUpstream(_) => "no_healthy_upstream",
+                    UpstreamError::Overflow { .. } => {
+                        "upstream_reset_before_response_started{overflow}"
+                    }
+                    _ => "upstream_reset_before_response_started{connection_failure}",
+                };
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.flag(),
+                    e.local_reply_body(),
+                    details,
+                )
+            }
+            Failure::Send { error, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectionTermination,
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination ({error})"
+                ),
+                "upstream_reset_before_response_started{connection_termination}",
+            ),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                ResponseFlag::UpstreamRequestTimeout,
+                "upstream request timeout".into(),
+                "response_timeout",
+            ),
+            Failure::BadRequest(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamProtocolError,
+                format!("cannot build the upstream request: {e}"),
+                "upstream_request_invalid",
+            ),
+        }
+    }
+
+    fn transport_failure_reason(&self) -> Option<String> {
+        match self {
+            Failure::Upstream(e) => e.transport_failure_reason(),
+            _ => None,
+        }
+    }
+}
+
+/// What the tries learned, for the log.
+#[derive(Debug, Default)]
+pub struct TryInfo {
+    pub host: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub retry_limit_hit: bool,
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// One try: pick an endpoint, check out a connection, send.
+pub async fn try_once(
+    proxy: &Proxy,
+    snap: &Snapshot,
+    cluster: &Cluster,
+    out: &Outgoing,
+    body: ProxyBody,
+    info: &mut TryInfo,
+) -> Result<Response<PooledBody>, (Failure, bool)> {
+    let addr = proxy
+        .upstream
+        .pick(snap, cluster)
+        .await
+        .map_err(|e| (Failure::Upstream(e), false))?;
+    info.host = Some(addr);
+    let lease = proxy
+        .upstream
+        .checkout(cluster, addr)
+        .await
+        .map_err(|e| (Failure::Upstream(e), false))?;
+    info.local = lease.local_addr();
+    let reused = lease.reused();
+    let req = out
+        .to_request(cluster.version, cluster.tls.is_some(), body)
+        .map_err(|e| (Failure::BadRequest(e), false))?;
+    lease.send(req).await.map_err(|error| {
+        // A pooled connection the server had already closed: the request never reached it.
+        let stale =
+            reused && (error.is_canceled() || error.is_incomplete_message() || error.is_closed());
+        let refused = is_refused_stream(&error);
+        (Failure::Send { error, refused }, stale)
+    })
+}
+
+/// Tries until a response, a non-retriable failure, or the retry budget is spent.
+async fn forward(
+    proxy: &Proxy,
+    snap: &Snapshot,
+    cluster: &Cluster,
+    out: &Outgoing,
+    body: RequestBody,
+    retry: &RetryPlan,
+    info: &mut TryInfo,
+) -> Result<Response<PooledBody>, Failure> {
+    let replayable = body.is_replayable();
+    let (buffered, mut once) = match body {
+        RequestBody::Buffered(b) => (Some(b), None),
+        RequestBody::Streaming(s) => (None, Some(s)),
+    };
+    let mut retries_done = 0u32;
+    let mut stale_retry_used = false;
+    loop {
+        let body = match (&buffered, once.take()) {
+            (Some(b), _) => b.body(),
+            (None, Some(s)) => s,
+            // Unreachable in practice: a streamed body is never retried.
+            (None, None) => return Err(Failure::Timeout),
+        };
+        let attempt = try_once(proxy, snap, cluster, out, body, info);
+        let result = match retry.per_try_timeout {
+            Some(t) => tokio::time::timeout(t, attempt)
+                .await
+                .unwrap_or(Err((Failure::Timeout, false))),
+            None => attempt.await,
+        };
+        let can_retry = replayable && retries_done < retry.retries;
+        match result {
+            Ok(resp) => {
+                let wants = retry.should_retry(&Outcome::Response(resp.status(), resp.headers()));
+                if !wants {
+                    return Ok(resp);
+                }
+                if !can_retry {
+                    info.retry_limit_hit = replayable && retry.retries > 0;
+                    return Ok(resp);
+                }
+                debug!(status = %resp.status(), upstream = ?info.host, "retriable response, retrying");
+            }
+            Err((failure, stale)) => {
+                if stale && replayable && !stale_retry_used {
+                    // Not counted: the request never reached the upstream.
+                    stale_retry_used = true;
+                    debug!("stale pooled connection, retrying on a fresh one");
+                    continue;
+                }
+                let wants = retry.should_retry(&failure.outcome());
+                if !(wants && can_retry) {
+                    info.retry_limit_hit = wants && replayable && retry.retries > 0;
+                    if let Failure::Upstream(e) = &failure
+                        && info.host.is_none()
+                    {
+                        info.host = e.addr();
+                    }
+                    return Err(failure);
+                }
+                debug!(error = ?failure, "retriable failure, retrying");
+            }
+        }
+        retries_done += 1;
+        tokio::time::sleep(retry.backoff(retries_done, fastrand::f64())).await;
+    }
+}
+
+/// Reads and drops a response body (mirrors): the connection goes back to its pool.
+pub async fn drain(resp: Response<PooledBody>) {
+    let mut body = resp.into_body();
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
+/// Timeout for mirrored requests without a route timeout: they must not pile up.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,312 @@
+//! The running waypoint: shared state and [`run`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use certs::{CertificateAuthority, IdentityManager, ROOT_CERT_FILE, SpiffeId, TrustBundle};
+use http::HeaderValue;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use mesh_config::{ConfigStore, LoadErrors, NamespacedName, Snapshot};
+use telemetry::admin::Endpoints;
+use telemetry::{AccessLogger, AdminState, Metrics, Readiness};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::options::Options;
+use crate::upstream::{DnsError, Upstream};
+
+/// Why the waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("configuration:\n{0}")]
+    Config(#[from] LoadErrors),
+    #[error("watching the configuration directory: {0}")]
+    Watch(#[from] mesh_config::store::WatchError),
+    #[error("CA in {dir}: {source}")]
+    Ca { dir: String, source: certs::Error },
+    #[error("workload certificate for {identity}: {source}")]
+    Identity {
+        identity: String,
+        source: certs::Error,
+    },
+    #[error("HBONE server: {0}")]
+    Hbone(#[from] hbone::Error),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
+    #[error("DNS: {0}")]
+    Dns(#[from] DnsError),
+}
+
+/// State shared by every connection and request.
+pub struct Proxy {
+    pub store: ConfigStore,
+    pub gateway: NamespacedName,
+    pub identity: SpiffeId,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLogger,
+    pub server_header: Option<HeaderValue>,
+    pub max_buffered_body: usize,
+    pub http_server: auto::Builder<TokioExecutor>,
+    /// Cancelled on SIGTERM: HTTP connections inside tunnels finish their requests and close.
+    pub shutdown: CancellationToken,
+    pub mirrors: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("gateway", &self.gateway)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The server for HTTP inside tunnels: HTTP/1.1 keep-alive or HTTP/2 prior knowledge.
+fn http_server() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024);
+    b
+}
+
+/// The waypoint's identity: its pod's service account when the snapshot knows the Gateway,
+/// else Istio's default `spiffe://<td>/ns/<gateway ns>/sa/<gateway name>`.
+pub fn waypoint_identity(
+    snap: &Snapshot,
+    gateway: &NamespacedName,
+    trust_domain: &str,
+) -> SpiffeId {
+    match snap.waypoint(gateway) {
+        Some(w) => SpiffeId::new(
+            trust_domain,
+            w.identity.namespace.clone(),
+            w.identity.service_account.clone(),
+        ),
+        None => SpiffeId::new(
+            trust_domain,
+            gateway.namespace.clone(),
+            gateway.name.clone(),
+        ),
+    }
+}
+
+impl Proxy {
+    /// Builds the shared state (inside a tokio runtime).
+    pub fn new(
+        opts: &Options,
+        store: ConfigStore,
+        identity: SpiffeId,
+        metrics: Arc<Metrics>,
+        access_log: AccessLogger,
+    ) -> Result<Self, RunError> {
+        Ok(Proxy {
+            store,
+            gateway: opts.gateway.clone(),
+            identity,
+            upstream: Upstream::new(opts.dns_server)?,
+            metrics,
+            access_log,
+            server_header: opts
+                .server_header
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .and_then(|s| HeaderValue::from_str(s).ok()),
+            max_buffered_body: opts.max_buffered_body,
+            http_server: http_server(),
+            shutdown: CancellationToken::new(),
+            mirrors: Arc::new(Semaphore::new(crate::http::mirror::MAX_IN_FLIGHT)),
+        })
+    }
+}
+
+fn load_identities(ca_dir: &Path, ttl: Duration) -> Result<IdentityManager, RunError> {
+    let ca_err = |source| RunError::Ca {
+        dir: ca_dir.display().to_string(),
+        source,
+    };
+    let ca = Arc::new(CertificateAuthority::load_dir(ca_dir).map_err(ca_err)?);
+    // A root-cert.pem next to the CA is the bundle to trust (old + new roots during rotation).
+    let root = ca_dir.join(ROOT_CERT_FILE);
+    let bundle = if root.is_file() {
+        TrustBundle::load(&root).map_err(ca_err)?
+    } else {
+        ca.trust_bundle()
+    };
+    Ok(IdentityManager::new(ca, bundle, ttl))
+}
+
+/// Runs the waypoint until `shutdown` resolves, then drains: no new connections, in-flight
+/// requests finish (up to `drain_timeout`), the access log is flushed.
+pub async fn run(
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = match &opts.config_dir {
+        Some(dir) => ConfigStore::open(dir)?,
+        None => ConfigStore::embedded_default()?,
+    };
+    let _watch = match &opts.config_dir {
+        Some(_) => Some(store.watch()?),
+        None => None,
+    };
+    let identities = load_identities(&opts.ca_dir, opts.cert_ttl)?;
+    let snap = store.current();
+    if snap.waypoint(&opts.gateway).is_none() {
+        warn!(gateway = %opts.gateway, "the configuration has no such waypoint Gateway; serving anyway with the default identity");
+    }
+    if snap.trust_domain() != identities.trust_domain() {
+        warn!(
+            mesh = snap.trust_domain(),
+            ca = identities.trust_domain(),
+            "mesh trust domain differs from the CA's; peers will be checked against the CA's"
+        );
+    }
+    let identity = waypoint_identity(&snap, &opts.gateway, identities.trust_domain());
+    identities
+        .fetch(&identity)
+        .await
+        .map_err(|source| RunError::Identity {
+            identity: identity.to_string(),
+            source,
+        })?;
+
+    let metrics = Arc::new(Metrics::new()?);
+    metrics.config_loaded(store.generation());
+    let access_log = AccessLogger::stdout().map_err(RunError::AccessLog)?;
+    let proxy = Arc::new(Proxy::new(
+        &opts,
+        store.clone(),
+        identity.clone(),
+        metrics.clone(),
+        access_log.clone(),
+    )?);
+
+    let hbone_config = hbone::Config {
+        drain_timeout: opts.drain_timeout,
+        ..hbone::Config::default()
+    };
+    let server = hbone::Server::new(&identities, &identity, hbone_config)?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: "HBONE",
+            addr: opts.listen,
+            source,
+        })?;
+    let listen = listener.local_addr().unwrap_or(opts.listen);
+
+    // Shutdown fans out: HBONE drain, HTTP graceful close inside tunnels, admin.
+    let token = proxy.shutdown.clone();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            info!("shutting down: draining");
+            token.cancel();
+        }
+    });
+
+    let readiness = Readiness::new();
+    let dump_store = store.clone();
+    let admin_state =
+        AdminState::new(metrics.clone(), readiness.clone()).with_config_dump(move || {
+            let snap = dump_store.current();
+            serde_json::json!({
+                "generation": dump_store.generation(),
+                "snapshot": serde_json::to_value(&*snap).unwrap_or(serde_json::Value::Null),
+            })
+        });
+    let mut admin_tasks = Vec::new();
+    for (what, addr, endpoints) in [
+        ("admin", opts.admin, Endpoints::ADMIN),
+        ("metrics", opts.metrics, Endpoints::METRICS),
+        ("readiness", opts.readiness, Endpoints::READINESS),
+    ] {
+        let Some(addr) = addr else { continue };
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { what, addr, source })?;
+        info!(addr = %l.local_addr().unwrap_or(addr), what, "admin endpoint listening");
+        admin_tasks.push(tokio::spawn(telemetry::admin::serve_endpoints(
+            l,
+            admin_state.clone(),
+            endpoints,
+            token.clone().cancelled_owned(),
+        )));
+    }
+
+    // Config generations in metrics, as reloads happen.
+    let mut updates = store.subscribe();
+    let gen_store = store.clone();
+    let gen_metrics = metrics.clone();
+    let gen_token = token.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = gen_token.cancelled() => return,
+                changed = updates.changed() => {
+                    if changed.is_err() { return; }
+                    gen_metrics.config_loaded(gen_store.generation());
+                    info!(generation = gen_store.generation(), "configuration reloaded");
+                }
+            }
+        }
+    });
+
+    readiness.set_ready(true);
+    info!(%listen, %identity, gateway = %opts.gateway, "waypoint listening (HBONE)");
+    let handler_proxy = proxy.clone();
+    let handler = move |connect| {
+        let proxy = handler_proxy.clone();
+        async move { crate::inbound::handle(proxy, connect).await }
+    };
+    server
+        .serve(listener, handler, token.clone().cancelled_owned())
+        .await;
+    readiness.set_ready(false);
+    for task in admin_tasks {
+        let _ = task.await;
+    }
+    access_log.flush().await;
+    info!("waypoint stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_defaults_to_the_gateway_name() {
+        let snap = mesh_config::embedded::default_snapshot().expect("embedded config");
+        let gw = NamespacedName::new("istio-egress", "waypoint");
+        assert_eq!(
+            waypoint_identity(&snap, &gw, "cluster.local").to_string(),
+            "spiffe://cluster.local/ns/istio-egress/sa/waypoint"
+        );
+        let unknown = NamespacedName::new("egress", "gw");
+        assert_eq!(
+            waypoint_identity(&snap, &unknown, "td.example").to_string(),
+            "spiffe://td.example/ns/egress/sa/gw"
+        );
+    }
+}

@@ -1,0 +1,532 @@
+//! Upstream side: clusters (what a destination host/port/subset means in the snapshot),
+//! endpoint selection (DNS or STATIC, round-robin), connection pools and TLS origination.
+
+pub mod endpoints;
+pub mod pool;
+pub mod resolver;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mesh_config::{NamespacedName, Protocol, Service, ServicePort, Snapshot};
+use telemetry::ResponseFlag;
+
+pub use endpoints::{EndpointSpec, endpoints_for};
+pub use pool::{HttpVersion, Lease, PoolKey, PoolLimits, PooledBody, Pools};
+pub use resolver::{DnsError, DnsResolver};
+pub use tls::{TlsError, TlsSpec};
+
+/// Why no upstream connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no healthy upstream: {0}")]
+    NoHealthyUpstream(String),
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS to {addr}: {error}")]
+    Tls { addr: SocketAddr, error: TlsError },
+    #[error("connection pool of {addr} overflowed")]
+    Overflow { addr: SocketAddr },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// The Envoy response flag for this failure.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => ResponseFlag::NoHealthyUpstream,
+            UpstreamError::Overflow { .. } => ResponseFlag::UpstreamOverflow,
+            _ => ResponseFlag::UpstreamConnectionFailure,
+        }
+    }
+
+    /// Counts as `connect-failure` for retries.
+    pub fn is_connect_failure(&self) -> bool {
+        !matches!(self, UpstreamError::Overflow { .. })
+    }
+
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+    pub fn transport_failure_reason(&self) -> Option<String> {
+        match self {
+            UpstreamError::Tls { error, .. } => Some(error.transport_failure_reason()),
+            UpstreamError::Connect { source, .. } => Some(format!(
+                "delayed connect error: {}",
+                source
+                    .raw_os_error()
+                    .map_or_else(|| source.to_string(), |c| c.to_string())
+            )),
+            UpstreamError::ConnectTimeout { .. } => Some("connect timeout".into()),
+            _ => None,
+        }
+    }
+
+    /// The address the failure happened on, when there was one.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => None,
+            UpstreamError::Connect { addr, .. }
+            | UpstreamError::ConnectTimeout { addr, .. }
+            | UpstreamError::Tls { addr, .. }
+            | UpstreamError::Overflow { addr }
+            | UpstreamError::Handshake { addr, .. } => Some(*addr),
+        }
+    }
+
+    /// Envoy's local-reply body.
+    pub fn local_reply_body(&self) -> String {
+        match self {
+            UpstreamError::NoHealthyUpstream(_) => "no healthy upstream".into(),
+            UpstreamError::Overflow { .. } => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+                    .into()
+            }
+            other => format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure{}",
+                other
+                    .transport_failure_reason()
+                    .map(|r| format!(", transport failure reason: {r}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// Where traffic for one (service, port, subset) goes and how.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `inbound-vip|80|http|aliyun.com;` or `outbound|80|v1|aliyun.com`.
+    pub name: String,
+    /// The destination host: the service host name (the request's host for wildcard entries).
+    pub host: String,
+    pub service: Arc<Service>,
+    pub port: ServicePort,
+    pub subset: Option<String>,
+    pub endpoints: Vec<EndpointSpec>,
+    pub version: HttpVersion,
+    pub tls: Option<TlsSpec>,
+    pub limits: PoolLimits,
+}
+
+/// Istio's cluster name. Services bound to this waypoint are its `inbound-vip` clusters (with
+/// the trailing `;` of Envoy's stat-name form, as the seeds' logs show); anything else the
+/// waypoint reaches (another host of a route, a subset) is an `outbound` cluster.
+pub fn cluster_name(
+    service: &Service,
+    sp: &ServicePort,
+    subset: Option<&str>,
+    gateway: &NamespacedName,
+) -> String {
+    let bound_here = service
+        .waypoint
+        .waypoint()
+        .is_some_and(|w| &w.name == gateway);
+    if bound_here && subset.is_none() {
+        format!("{};", service.inbound_vip_cluster(sp))
+    } else {
+        format!(
+            "outbound|{}|{}|{}",
+            sp.port,
+            subset.unwrap_or(""),
+            service.hostname
+        )
+    }
+}
+
+/// How a cluster's HTTP is spoken upstream: HTTP2 / gRPC ports (and `h2UpgradePolicy: UPGRADE`)
+/// use HTTP/2, `useClientProtocol` follows the downstream, the rest HTTP/1.1.
+pub fn upstream_version(
+    protocol: Protocol,
+    pool: Option<&mesh_config::policy::ConnectionPool>,
+    downstream: HttpVersion,
+) -> HttpVersion {
+    if pool.is_some_and(|p| p.use_client_protocol) {
+        return downstream;
+    }
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => HttpVersion::Http2,
+        _ if pool.is_some_and(|p| p.h2_upgrade) => HttpVersion::Http2,
+        _ => HttpVersion::Http1,
+    }
+}
+
+/// What the cluster for a destination needs to know about the request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterRequest<'a> {
+    /// The CONNECT authority (original destination).
+    pub original: Option<SocketAddr>,
+    /// The request's host (for wildcard / NONE entries).
+    pub request_host: Option<&'a str>,
+    pub downstream: HttpVersion,
+}
+
+/// Builds the cluster for `service` port `sp` (pure: snapshot in, description out).
+pub fn build_cluster(
+    snap: &Snapshot,
+    gateway: &NamespacedName,
+    service: &Arc<Service>,
+    sp: &ServicePort,
+    subset: Option<&str>,
+    req: ClusterRequest<'_>,
+) -> Cluster {
+    let policy = snap.destination_policy(&service.hostname);
+    let traffic = policy
+        .map(|p| p.resolve(sp.port, subset))
+        .unwrap_or_default();
+    let version = upstream_version(sp.protocol, traffic.connection_pool, req.downstream);
+    let host = if service.is_wildcard() {
+        req.request_host
+            .map(|h| endpoints::strip_port(h).to_owned())
+            .unwrap_or_else(|| service.hostname.clone())
+    } else {
+        service.hostname.clone()
+    };
+    let alpn: &[&[u8]] = match version {
+        HttpVersion::Http2 => &[tls::ALPN_H2],
+        HttpVersion::Http1 => &[tls::ALPN_HTTP11],
+    };
+    let subset_labels = subset
+        .and_then(|s| policy.and_then(|p| p.subset(s)))
+        .map(|s| &s.labels);
+    Cluster {
+        name: cluster_name(service, sp, subset, gateway),
+        endpoints: endpoints_for(service, sp, subset_labels, req.original, req.request_host),
+        tls: traffic
+            .tls
+            .and_then(|t| TlsSpec::from_client_tls(t, &host, alpn)),
+        limits: PoolLimits::from_settings(traffic.connection_pool, version),
+        host,
+        service: service.clone(),
+        port: sp.clone(),
+        subset: subset.map(str::to_owned),
+        version,
+    }
+}
+
+/// Clusters built from the current snapshot, reused across requests. Only clusters that do not
+/// depend on the request (no wildcard host, resolution other than NONE) are cached; the cache
+/// empties whenever the snapshot changes.
+#[derive(Default)]
+pub struct ClusterCache {
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    /// The snapshot the entries were built from. Holding it keeps its services alive, so the
+    /// service addresses in the keys cannot be reused while the entries exist.
+    snapshot: Option<Arc<Snapshot>>,
+    /// (service address within that snapshot, port, subset, downstream version).
+    clusters: HashMap<(usize, u16, Option<String>, HttpVersion), Arc<Cluster>>,
+}
+
+impl std::fmt::Debug for ClusterCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCache").finish_non_exhaustive()
+    }
+}
+
+impl ClusterCache {
+    /// [`build_cluster`], cached when the result does not depend on the request.
+    pub fn get(
+        &self,
+        snap: &Arc<Snapshot>,
+        gateway: &NamespacedName,
+        service: &Arc<Service>,
+        sp: &ServicePort,
+        subset: Option<&str>,
+        req: ClusterRequest<'_>,
+    ) -> Arc<Cluster> {
+        let cacheable =
+            !service.is_wildcard() && service.resolution != mesh_config::snapshot::Resolution::None;
+        if !cacheable {
+            return Arc::new(build_cluster(snap, gateway, service, sp, subset, req));
+        }
+        let key = (
+            Arc::as_ptr(service) as usize,
+            sp.port,
+            subset.map(str::to_owned),
+            req.downstream,
+        );
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if !inner
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, snap))
+            {
+                inner.snapshot = Some(snap.clone());
+                inner.clusters.clear();
+            } else if let Some(c) = inner.clusters.get(&key) {
+                return c.clone();
+            }
+        }
+        let cluster = Arc::new(build_cluster(snap, gateway, service, sp, subset, req));
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, snap))
+        {
+            inner.clusters.insert(key, cluster.clone());
+        }
+        cluster
+    }
+}
+
+/// Endpoint selection and connections.
+pub struct Upstream {
+    resolver: DnsResolver,
+    pools: Pools,
+    /// Clusters of the current snapshot.
+    pub clusters: ClusterCache,
+    /// Round-robin position per cluster name.
+    next: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// Must be called inside a tokio runtime.
+    pub fn new(dns_server: Option<SocketAddr>) -> Result<Self, DnsError> {
+        Ok(Upstream {
+            resolver: DnsResolver::new(dns_server)?,
+            pools: Pools::new(),
+            clusters: ClusterCache::default(),
+            next: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// The next endpoint of `cluster`: round-robin over its endpoints, and over DNS answers
+    /// within a name.
+    pub async fn pick(
+        &self,
+        snap: &Snapshot,
+        cluster: &Cluster,
+    ) -> Result<SocketAddr, UpstreamError> {
+        if cluster.endpoints.is_empty() {
+            return Err(UpstreamError::NoHealthyUpstream(format!(
+                "{} has no endpoints",
+                cluster.name
+            )));
+        }
+        let i = if cluster.endpoints.len() == 1 {
+            0
+        } else {
+            let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+            match next.get(&cluster.name) {
+                Some(c) => c.fetch_add(1, Ordering::Relaxed),
+                None => next
+                    .entry(cluster.name.clone())
+                    .or_default()
+                    .fetch_add(1, Ordering::Relaxed),
+            }
+        };
+        match &cluster.endpoints[i % cluster.endpoints.len()] {
+            EndpointSpec::Addr(a) => Ok(*a),
+            EndpointSpec::Name { host, port } => {
+                let is_vip = |ip: IpAddr| !snap.services_by_vip(ip).is_empty();
+                let ip = self
+                    .resolver
+                    .pick(host, is_vip)
+                    .await
+                    .map_err(|e| UpstreamError::NoHealthyUpstream(e.to_string()))?;
+                Ok(SocketAddr::new(ip, *port))
+            }
+        }
+    }
+
+    /// A connection to `addr` for `cluster`'s HTTP.
+    pub async fn checkout(
+        &self,
+        cluster: &Cluster,
+        addr: SocketAddr,
+    ) -> Result<Lease, UpstreamError> {
+        let key = PoolKey {
+            addr,
+            tls: cluster.tls.clone(),
+            version: cluster.version,
+            limits: cluster.limits,
+        };
+        self.pools.checkout(&key).await
+    }
+
+    /// A plain TCP connection (L4 forwarding).
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<tokio::net::TcpStream, UpstreamError> {
+        pool::connect_tcp(addr, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: istio-egress
+  labels: {istio.io/use-waypoint: waypoint}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: istio-egress}
+spec:
+  gatewayClassName: istio-waypoint
+  addresses: [{value: 10.244.1.20}]
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: aliyun, namespace: istio-egress}
+spec:
+  hosts: [aliyun.com]
+  ports:
+  - {number: 80, name: http, protocol: HTTP, targetPort: 443}
+  - {number: 8080, name: h2, protocol: HTTP2}
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: aliyun, namespace: istio-egress}
+spec:
+  host: aliyun.com
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 4}}
+    portLevelSettings:
+    - port: {number: 80}
+      tls: {mode: SIMPLE}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+"#;
+
+    #[test]
+    fn seed_000_cluster() {
+        let snap = mesh_config::load_sources([("c.yaml", CONFIG)]).expect("valid config");
+        let gw = NamespacedName::new("istio-egress", "waypoint");
+        let svc = snap.service_by_host("aliyun.com").expect("service").clone();
+        let req = ClusterRequest {
+            original: None,
+            request_host: Some("aliyun.com"),
+            downstream: HttpVersion::Http1,
+        };
+        let c = build_cluster(&snap, &gw, &svc, &svc.ports[0], None, req);
+        assert_eq!(c.name, "inbound-vip|80|http|aliyun.com;");
+        assert_eq!(
+            c.endpoints,
+            vec![EndpointSpec::Name {
+                host: "aliyun.com".into(),
+                port: 443
+            }]
+        );
+        let tls = c.tls.expect("port-level SIMPLE");
+        assert_eq!(tls.sni, "aliyun.com");
+        assert_eq!(tls.alpn, vec![b"http/1.1".to_vec()]);
+        assert_eq!(c.version, HttpVersion::Http1);
+        assert_eq!(c.limits.max_requests, 4);
+
+        // Another port: no TLS (port-level), HTTP/2, and a subset makes it an outbound cluster.
+        let c = build_cluster(&snap, &gw, &svc, &svc.ports[1], Some("v1"), req);
+        assert_eq!(c.name, "outbound|8080|v1|aliyun.com");
+        assert!(c.tls.is_none());
+        assert_eq!(c.version, HttpVersion::Http2);
+
+        // Seen from another waypoint, the same service is an outbound cluster.
+        let other = NamespacedName::new("istio-egress", "other");
+        let c = build_cluster(&snap, &other, &svc, &svc.ports[0], None, req);
+        assert_eq!(c.name, "outbound|80||aliyun.com");
+    }
+
+    #[test]
+    fn versions() {
+        use mesh_config::policy::ConnectionPool;
+        let upgrade = ConnectionPool {
+            h2_upgrade: true,
+            ..Default::default()
+        };
+        let client = ConnectionPool {
+            use_client_protocol: true,
+            ..Default::default()
+        };
+        let cases = [
+            (Protocol::Http, None, HttpVersion::Http2, HttpVersion::Http1),
+            (
+                Protocol::Http2,
+                None,
+                HttpVersion::Http1,
+                HttpVersion::Http2,
+            ),
+            (Protocol::Grpc, None, HttpVersion::Http1, HttpVersion::Http2),
+            (
+                Protocol::Http,
+                Some(&upgrade),
+                HttpVersion::Http1,
+                HttpVersion::Http2,
+            ),
+            (
+                Protocol::Http2,
+                Some(&client),
+                HttpVersion::Http1,
+                HttpVersion::Http1,
+            ),
+        ];
+        for (proto, pool, downstream, want) in cases {
+            assert_eq!(
+                upstream_version(proto, pool, downstream),
+                want,
+                "{proto:?} {pool:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn failure_shapes() {
+        let addr: SocketAddr = "203.0.113.10:443".parse().expect("addr");
+        let refused = UpstreamError::Connect {
+            addr,
+            source: io::Error::from_raw_os_error(111),
+        };
+        assert_eq!(refused.flag(), ResponseFlag::UpstreamConnectionFailure);
+        assert!(refused.is_connect_failure());
+        assert_eq!(
+            refused.transport_failure_reason().as_deref(),
+            Some("delayed connect error: 111")
+        );
+        let tls = UpstreamError::Tls {
+            addr,
+            error: TlsError::Handshake {
+                reason: "TLS_error:|CERTIFICATE_VERIFY_FAILED:x:TLS_error_end".into(),
+            },
+        };
+        assert!(tls.local_reply_body().contains("CERTIFICATE_VERIFY_FAILED"));
+        let overflow = UpstreamError::Overflow { addr };
+        assert_eq!(overflow.flag(), ResponseFlag::UpstreamOverflow);
+        assert!(!overflow.is_connect_failure());
+        assert_eq!(
+            UpstreamError::NoHealthyUpstream("x".into()).flag(),
+            ResponseFlag::NoHealthyUpstream
+        );
+    }
+}

@@ -1,0 +1,782 @@
+//! Keep-alive connection pools, one per (endpoint, TLS settings, HTTP version, limits).
+//!
+//! * HTTP/1.1: idle connections are reused most-recently-used first; a connection goes back to
+//!   the pool once its response body has been read to the end (a body dropped half-way closes
+//!   it). `maxRequestsPerConnection` retires connections.
+//! * HTTP/2: one multiplexed connection per pool, replaced when it dies.
+//! * Limits (DestinationRule `connectionPool`): concurrent requests per endpoint
+//!   (`tcp.maxConnections` for HTTP/1.1, `http.http2MaxRequests` for HTTP/2) and how many may
+//!   wait for a slot (`http.http1MaxPendingRequests`); beyond that a request fails fast with
+//!   overflow (Envoy's `UO`).
+//! * Idle connections older than the idle timeout are closed by a sweeper; unused pools are
+//!   removed.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tracing::debug;
+
+use super::UpstreamError;
+use super::tls::{self, TlsCache, TlsSpec};
+use crate::http::body::{BoxError, ProxyBody};
+
+/// HTTP version spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// Per-endpoint limits, from DestinationRule `connectionPool` (Istio's defaults: effectively
+/// unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolLimits {
+    pub max_requests: usize,
+    pub max_pending: usize,
+    pub max_requests_per_connection: Option<u32>,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            max_requests: u32::MAX as usize,
+            max_pending: u32::MAX as usize,
+            max_requests_per_connection: None,
+            // Envoy's upstream idle timeout is 1 h; external servers close far earlier, so a
+            // shorter one saves failing the first request on a connection they already closed.
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PoolLimits {
+    /// Limits from a DestinationRule connection pool, for `version`.
+    pub fn from_settings(
+        pool: Option<&mesh_config::policy::ConnectionPool>,
+        version: HttpVersion,
+    ) -> Self {
+        let mut limits = PoolLimits::default();
+        let Some(p) = pool else { return limits };
+        let max = match version {
+            HttpVersion::Http1 => p.max_connections,
+            HttpVersion::Http2 => p.http2_max_requests.or(p.max_connections),
+        };
+        if let Some(m) = max {
+            limits.max_requests = (m as usize).max(1);
+        }
+        if let Some(m) = p.http1_max_pending_requests {
+            limits.max_pending = m as usize;
+        }
+        limits.max_requests_per_connection = p.max_requests_per_connection.filter(|m| *m > 0);
+        if let Some(t) = p.http_idle_timeout.or(p.tcp_idle_timeout) {
+            limits.idle_timeout = t;
+        }
+        if let Some(t) = p.connect_timeout {
+            limits.connect_timeout = t;
+        }
+        limits
+    }
+}
+
+/// What identifies a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsSpec>,
+    pub version: HttpVersion,
+    pub limits: PoolLimits,
+}
+
+/// TCP or TLS-over-TCP.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Opens a TCP connection with `timeout`, `TCP_NODELAY` on.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
+    };
+    // Requests are written whole; Nagle would only delay them.
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+    served: u32,
+    local: Option<SocketAddr>,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<ProxyBody>,
+    local: Option<SocketAddr>,
+}
+
+/// One endpoint's connections.
+struct EndpointPool {
+    key: PoolKey,
+    idle: Mutex<Vec<Idle>>,
+    h2: tokio::sync::Mutex<Option<H2Conn>>,
+    slots: Arc<Semaphore>,
+    pending: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+impl EndpointPool {
+    fn new(key: PoolKey) -> Self {
+        let slots = key.limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
+        EndpointPool {
+            key,
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+            slots: Arc::new(Semaphore::new(slots)),
+            pending: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        // Every slot is busy: wait, unless too many already do.
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.key.limits.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(UpstreamError::Overflow {
+                addr: self.key.addr,
+            });
+        }
+        let permit = self.slots.clone().acquire_owned().await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        permit.map_err(|_| UpstreamError::Overflow {
+            addr: self.key.addr,
+        })
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(conn) = idle.pop() {
+            // Not yet ready is fine: hyper finishes the previous message a moment after its
+            // body's last frame; `Lease::send` waits for it.
+            if conn.since.elapsed() < self.key.limits.idle_timeout && !conn.sender.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn push_idle(&self, conn: Idle) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        if self
+            .key
+            .limits
+            .max_requests_per_connection
+            .is_some_and(|max| conn.served >= max)
+        {
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(conn);
+    }
+
+    fn is_unused(&self) -> bool {
+        let idle_for = self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        self.slots.available_permits()
+            == self
+                .key
+                .limits
+                .max_requests
+                .clamp(1, Semaphore::MAX_PERMITS)
+            && idle_for > self.key.limits.idle_timeout
+    }
+
+    fn sweep(&self) {
+        let timeout = self.key.limits.idle_timeout;
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+    }
+}
+
+/// All pools.
+pub struct Pools {
+    pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>>,
+    tls: TlsCache,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools").finish_non_exhaustive()
+    }
+}
+
+/// How often idle connections and unused pools are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+impl Default for Pools {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pools {
+    /// Must be called inside a tokio runtime (it starts the sweeper).
+    pub fn new() -> Self {
+        let pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::default();
+        let weak: Weak<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::downgrade(&pools);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(pools) = weak.upgrade() else { return };
+                let mut pools = pools.lock().unwrap_or_else(PoisonError::into_inner);
+                pools.retain(|_, p| {
+                    p.sweep();
+                    !p.is_unused()
+                });
+            }
+        });
+        Pools {
+            pools,
+            tls: TlsCache::new(),
+        }
+    }
+
+    pub fn tls(&self) -> &TlsCache {
+        &self.tls
+    }
+
+    /// Number of pools (for tests and the admin page).
+    pub fn len(&self) -> usize {
+        self.pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn pool(&self, key: &PoolKey) -> Arc<EndpointPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = pools.get(key) {
+            return p.clone();
+        }
+        let p = Arc::new(EndpointPool::new(key.clone()));
+        pools.insert(key.clone(), p.clone());
+        p
+    }
+
+    /// A connection to `key.addr` ready for one request: pooled, or newly connected.
+    pub async fn checkout(&self, key: &PoolKey) -> Result<Lease, UpstreamError> {
+        let pool = self.pool(key);
+        pool.touch();
+        let permit = pool.slot().await?;
+        match key.version {
+            HttpVersion::Http1 => {
+                if let Some(idle) = pool.pop_idle() {
+                    return Ok(Lease {
+                        sender: Sender::H1(idle.sender),
+                        served: idle.served,
+                        local: idle.local,
+                        reused: true,
+                        permit,
+                        pool,
+                    });
+                }
+                let (stream, local) = self.connect(key).await?;
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        addr: key.addr,
+                        source,
+                    })?;
+                let addr = key.addr;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended with an error");
+                    }
+                });
+                Ok(Lease {
+                    sender: Sender::H1(sender),
+                    served: 0,
+                    local,
+                    reused: false,
+                    permit,
+                    pool,
+                })
+            }
+            HttpVersion::Http2 => {
+                let mut slot = pool.h2.lock().await;
+                if let Some(conn) = slot.as_ref()
+                    && !conn.sender.is_closed()
+                {
+                    return Ok(Lease {
+                        sender: Sender::H2(conn.sender.clone()),
+                        served: 0,
+                        local: conn.local,
+                        reused: true,
+                        permit,
+                        pool: pool.clone(),
+                    });
+                }
+                let (stream, local) = self.connect(key).await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        addr: key.addr,
+                        source,
+                    })?;
+                let addr = key.addr;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
+                    }
+                });
+                *slot = Some(H2Conn {
+                    sender: sender.clone(),
+                    local,
+                });
+                drop(slot);
+                Ok(Lease {
+                    sender: Sender::H2(sender),
+                    served: 0,
+                    local,
+                    reused: false,
+                    permit,
+                    pool,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self, key: &PoolKey) -> Result<(Stream, Option<SocketAddr>), UpstreamError> {
+        // Build the TLS config first: a bad CA file is a configuration error, not a connect one.
+        let tls = match &key.tls {
+            Some(spec) => Some((
+                self.tls.config(spec).map_err(|e| UpstreamError::Tls {
+                    addr: key.addr,
+                    error: e,
+                })?,
+                spec,
+            )),
+            None => None,
+        };
+        let tcp = connect_tcp(key.addr, key.limits.connect_timeout).await?;
+        let local = tcp.local_addr().ok();
+        let stream = match tls {
+            Some((config, spec)) => {
+                let handshake = tls::handshake(config, &spec.sni, tcp);
+                let tls = match tokio::time::timeout(key.limits.connect_timeout, handshake).await {
+                    Ok(r) => r.map_err(|e| UpstreamError::Tls {
+                        addr: key.addr,
+                        error: e,
+                    })?,
+                    Err(_) => {
+                        return Err(UpstreamError::ConnectTimeout {
+                            addr: key.addr,
+                            timeout: key.limits.connect_timeout,
+                        });
+                    }
+                };
+                Stream::Tls(Box::new(tls))
+            }
+            None => Stream::Plain(tcp),
+        };
+        debug!(addr = %key.addr, tls = key.tls.is_some(), ?local, "upstream connected");
+        Ok((stream, local))
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+/// A connection checked out for one request.
+pub struct Lease {
+    sender: Sender,
+    served: u32,
+    local: Option<SocketAddr>,
+    reused: bool,
+    permit: OwnedSemaphorePermit,
+    pool: Arc<EndpointPool>,
+}
+
+impl Lease {
+    /// The local address of the upstream connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+    }
+
+    /// Whether the connection was already used (a failure on it may just be a stale connection).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Sends `req`; the returned body gives the connection back when read to the end.
+    pub async fn send(self, req: Request<ProxyBody>) -> Result<Response<PooledBody>, hyper::Error> {
+        let Lease {
+            sender,
+            served,
+            local,
+            permit,
+            pool,
+            ..
+        } = self;
+        match sender {
+            Sender::H1(mut sender) => {
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                let release = Release::H1 {
+                    idle: Idle {
+                        sender,
+                        since: Instant::now(),
+                        served: served + 1,
+                        local,
+                    },
+                    pool,
+                    permit,
+                };
+                Ok(resp.map(|inner| PooledBody::new(inner, release)))
+            }
+            Sender::H2(mut sender) => {
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                Ok(resp.map(|inner| PooledBody::new(inner, Release::H2 { _permit: permit })))
+            }
+        }
+    }
+}
+
+enum Release {
+    H1 {
+        idle: Idle,
+        pool: Arc<EndpointPool>,
+        permit: OwnedSemaphorePermit,
+    },
+    H2 {
+        _permit: OwnedSemaphorePermit,
+    },
+}
+
+impl Release {
+    /// The response is complete: an HTTP/1.1 connection may serve the next request.
+    fn reuse(self) {
+        let Release::H1 {
+            mut idle,
+            pool,
+            permit,
+        } = self
+        else {
+            return;
+        };
+        drop(permit);
+        idle.since = Instant::now();
+        pool.push_idle(idle);
+    }
+}
+
+/// An upstream response body that returns its connection to the pool at its end.
+pub struct PooledBody {
+    inner: Incoming,
+    release: Option<Release>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, release: Release) -> Self {
+        let mut body = PooledBody {
+            inner,
+            release: Some(release),
+        };
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let Some(r) = self.release.take() {
+            r.reuse();
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // A broken body: the connection is not reusable.
+                this.release = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body;
+    use http_body_util::BodyExt;
+    use mesh_config::policy::ConnectionPool;
+    use std::convert::Infallible;
+    use tokio::net::TcpListener;
+
+    /// An HTTP/1.1 server answering "hi", counting accepted connections.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"hi"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "test")
+            .body(body::empty())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_limits_overflow() {
+        let (addr, accepted) = server().await;
+        let pools = Pools::new();
+        let key = PoolKey {
+            addr,
+            tls: None,
+            version: HttpVersion::Http1,
+            limits: PoolLimits {
+                max_requests: 1,
+                max_pending: 0,
+                ..PoolLimits::default()
+            },
+        };
+        for i in 0..3 {
+            let lease = pools.checkout(&key).await.expect("checkout");
+            assert_eq!(lease.reused(), i > 0, "request {i}");
+            let resp = lease.send(get()).await.expect("send");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"hi");
+            // The connection returns to the pool once hyper has finished the message.
+            for _ in 0..100 {
+                if !pools.pool(&key).idle.lock().expect("lock").is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one keep-alive connection"
+        );
+
+        // One request at a time and nobody may wait: a second checkout overflows.
+        let held = pools.checkout(&key).await.expect("checkout");
+        let err = pools.checkout(&key).await.err().expect("overflow");
+        assert!(matches!(err, UpstreamError::Overflow { .. }), "{err}");
+        drop(held);
+        assert!(pools.checkout(&key).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_way_does_not_return_the_connection() {
+        let (addr, accepted) = server().await;
+        let pools = Pools::new();
+        let key = PoolKey {
+            addr,
+            tls: None,
+            version: HttpVersion::Http1,
+            limits: PoolLimits::default(),
+        };
+        let resp = pools
+            .checkout(&key)
+            .await
+            .expect("checkout")
+            .send(get())
+            .await
+            .expect("send");
+        drop(resp);
+        let lease = pools.checkout(&key).await.expect("checkout");
+        assert!(!lease.reused());
+        // Once a request went through, the server has surely counted the second accept.
+        let resp = lease.send(get()).await.expect("send");
+        let _ = resp.into_body().collect().await.expect("body");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn limits_from_destination_rule() {
+        let pool = ConnectionPool {
+            max_connections: Some(7),
+            http1_max_pending_requests: Some(3),
+            http2_max_requests: Some(50),
+            max_requests_per_connection: Some(0),
+            connect_timeout: Some(Duration::from_millis(250)),
+            ..ConnectionPool::default()
+        };
+        let h1 = PoolLimits::from_settings(Some(&pool), HttpVersion::Http1);
+        assert_eq!(h1.max_requests, 7);
+        assert_eq!(h1.max_pending, 3);
+        // 0 means unlimited in Istio.
+        assert_eq!(h1.max_requests_per_connection, None);
+        assert_eq!(h1.connect_timeout, Duration::from_millis(250));
+        let h2 = PoolLimits::from_settings(Some(&pool), HttpVersion::Http2);
+        assert_eq!(h2.max_requests, 50);
+        assert_eq!(
+            PoolLimits::from_settings(None, HttpVersion::Http1),
+            PoolLimits::default()
+        );
+    }
+}

@@ -1,0 +1,589 @@
+//! TLS origination from DestinationRule `tls` (SIMPLE / MUTUAL): rustls client configurations
+//! built once per setting and cached, and the handshake with Envoy-style failure reasons.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use mesh_config::{ClientTls, TlsMode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{
+    WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor, verify_server_name,
+};
+use rustls::crypto::{CryptoProvider, aws_lc_rs};
+use rustls::server::ParsedCertificate;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tracing::{debug, warn};
+
+/// ALPN ids.
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Client configurations are rebuilt this often so rotated CA / client certificate files are
+/// picked up without a restart.
+const CONFIG_TTL: Duration = Duration::from_secs(60);
+
+/// The origination settings of one upstream, hashable so it can key pools and the config cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsSpec {
+    /// Sent as SNI and, without `subject_alt_names`, what the certificate must be valid for.
+    pub sni: String,
+    /// PEM roots; `None` = the system's roots (`rustls-native-certs`, honours `SSL_CERT_FILE`).
+    pub ca_certificates: Option<PathBuf>,
+    /// MUTUAL: client certificate chain and key (PEM files).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Accept the server only if one of its SANs is one of these (DNS, IP or URI).
+    pub subject_alt_names: Vec<String>,
+    pub insecure_skip_verify: bool,
+    /// Offered ALPN protocols, in preference order.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl TlsSpec {
+    /// The spec for `tls` towards `host` (the SNI when `tls.sni` is unset), offering `alpn`.
+    /// `None` when the mode originates no TLS (DISABLE; ISTIO_MUTUAL is mesh-internal mTLS,
+    /// which an egress waypoint has no business originating to an external host).
+    pub fn from_client_tls(tls: &ClientTls, host: &str, alpn: &[&[u8]]) -> Option<TlsSpec> {
+        match tls.mode {
+            TlsMode::Disable => None,
+            TlsMode::IstioMutual => {
+                warn!(
+                    host,
+                    "DestinationRule tls mode ISTIO_MUTUAL is not originated by the waypoint; sending plaintext"
+                );
+                None
+            }
+            TlsMode::Simple | TlsMode::Mutual => Some(TlsSpec {
+                sni: tls.sni.clone().unwrap_or_else(|| host.to_owned()),
+                ca_certificates: tls.ca_certificates.clone(),
+                client_cert: match (tls.mode, &tls.client_certificate, &tls.private_key) {
+                    (TlsMode::Mutual, Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    _ => None,
+                },
+                subject_alt_names: tls.subject_alt_names.clone(),
+                insecure_skip_verify: tls.insecure_skip_verify,
+                alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+            }),
+        }
+    }
+}
+
+/// Why origination could not even start (bad files) or the handshake failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// `reason` is what `%UPSTREAM_TRANSPORT_FAILURE_REASON%` prints.
+    #[error("TLS handshake failed: {reason}")]
+    Handshake { reason: String },
+}
+
+impl TlsError {
+    /// Envoy-style `upstream_transport_failure_reason`.
+    pub fn transport_failure_reason(&self) -> String {
+        match self {
+            TlsError::Config(m) => format!("TLS_error:|{m}:TLS_error_end"),
+            TlsError::Handshake { reason } => reason.clone(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// Built client configurations, per [`TlsSpec`].
+#[derive(Default)]
+pub struct TlsCache {
+    configs: Mutex<HashMap<TlsSpec, (Arc<ClientConfig>, Instant)>>,
+    system_roots: OnceLock<Result<Arc<RootCertStore>, String>>,
+}
+
+impl fmt::Debug for TlsCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsCache").finish_non_exhaustive()
+    }
+}
+
+impl TlsCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The client configuration for `spec` (built on first use, rebuilt every minute).
+    pub fn config(&self, spec: &TlsSpec) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut configs = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((config, built)) = configs.get(spec)
+            && built.elapsed() < CONFIG_TTL
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(self.build(spec)?);
+        configs.insert(spec.clone(), (config.clone(), Instant::now()));
+        Ok(config)
+    }
+
+    fn roots(&self, spec: &TlsSpec) -> Result<Arc<RootCertStore>, TlsError> {
+        match &spec.ca_certificates {
+            Some(path) => {
+                let mut store = RootCertStore::empty();
+                let certs = load_certs(path)?;
+                let (added, _ignored) = store.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(TlsError::Config(format!(
+                        "{}: no usable CA certificate",
+                        path.display()
+                    )));
+                }
+                Ok(Arc::new(store))
+            }
+            None => self
+                .system_roots
+                .get_or_init(load_system_roots)
+                .clone()
+                .map_err(TlsError::Config),
+        }
+    }
+
+    fn build(&self, spec: &TlsSpec) -> Result<ClientConfig, TlsError> {
+        let provider = provider();
+        let verifier: Arc<dyn ServerCertVerifier> = if spec.insecure_skip_verify {
+            Arc::new(SkipVerify(provider.clone()))
+        } else {
+            let roots = self.roots(spec)?;
+            if spec.subject_alt_names.is_empty() {
+                WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?
+            } else {
+                Arc::new(SanVerifier {
+                    roots,
+                    provider: provider.clone(),
+                    sans: spec.subject_alt_names.clone(),
+                })
+            }
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &spec.client_cert {
+            Some((cert, key)) => {
+                let chain = load_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| TlsError::Config(format!("{}: {e}", key.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = spec.alpn.clone();
+        Ok(config)
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?
+        .collect();
+    let certs = certs.map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError::Config(format!(
+            "{}: no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn load_system_roots() -> Result<Arc<RootCertStore>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        warn!(error = %e, "loading a system root certificate failed");
+    }
+    let mut store = RootCertStore::empty();
+    let (added, ignored) = store.add_parsable_certificates(found.certs);
+    debug!(added, ignored, "system roots loaded");
+    if added == 0 {
+        return Err("no system root certificates found".into());
+    }
+    Ok(Arc::new(store))
+}
+
+/// Connects TLS over `tcp` with `config`, sending `sni` (IP literals send no SNI, per RFC 6066).
+pub async fn handshake(
+    config: Arc<ClientConfig>,
+    sni: &str,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, TlsError> {
+    let name = ServerName::try_from(sni.to_owned()).map_err(|e| TlsError::Handshake {
+        reason: format!("TLS_error:|invalid server name {sni:?}: {e}:TLS_error_end"),
+    })?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| TlsError::Handshake {
+            reason: failure_reason(&e),
+        })
+}
+
+/// Envoy prints e.g. `TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end`;
+/// we keep the shape and the OpenSSL reason name, with rustls' explanation.
+pub fn failure_reason(e: &std::io::Error) -> String {
+    let detail = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(cert)) => {
+            format!("CERTIFICATE_VERIFY_FAILED:{cert}")
+        }
+        Some(rustls::Error::AlertReceived(alert)) => format!("TLSV1_ALERT:{alert:?}"),
+        Some(rustls::Error::NoApplicationProtocol) => "NO_APPLICATION_PROTOCOL".to_owned(),
+        Some(other) => format!("SSL_HANDSHAKE_FAILURE:{other}"),
+        None => format!("CONNECTION_FAILURE:{e}"),
+    };
+    format!("TLS_error:|{detail}:TLS_error_end")
+}
+
+/// Chain verification against the roots, then a SAN from DestinationRule `subjectAltNames`
+/// must be in the certificate (instead of the SNI host name).
+#[derive(Debug)]
+struct SanVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    sans: Vec<String>,
+}
+
+impl SanVerifier {
+    fn san_matches(&self, end_entity: &CertificateDer<'_>, parsed: &ParsedCertificate<'_>) -> bool {
+        let uri_sans = uri_sans(end_entity);
+        self.sans.iter().any(|want| {
+            if want.contains("://") {
+                uri_sans.iter().any(|u| u == want)
+            } else {
+                ServerName::try_from(want.as_str())
+                    .is_ok_and(|name| verify_server_name(parsed, &name).is_ok())
+            }
+        })
+    }
+}
+
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x509.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if self.san_matches(end_entity, &parsed) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `insecureSkipVerify: true`: any certificate, but the handshake signature must still be
+/// made by its key.
+#[derive(Debug)]
+struct SkipVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SkipVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    use tokio::net::TcpListener;
+
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca_pem: PathBuf,
+    }
+
+    /// A CA plus a server certificate for `names` signed by it, written to a temp dir.
+    fn pki(names: &[&str]) -> (Pki, rustls::ServerConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        for n in names {
+            params.subject_alt_names.push(if n.contains("://") {
+                SanType::URI((*n).try_into().expect("uri"))
+            } else {
+                SanType::DnsName((*n).try_into().expect("dns"))
+            });
+        }
+        let leaf = params.signed_by(&leaf_key, &issuer).expect("leaf");
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca_cert.pem()).expect("write");
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key"),
+            )
+            .expect("server config");
+        (Pki { dir, ca_pem }, server)
+    }
+
+    fn spec(pki: &Pki, sni: &str, sans: &[&str], skip: bool) -> TlsSpec {
+        TlsSpec {
+            sni: sni.to_owned(),
+            ca_certificates: Some(pki.ca_pem.clone()),
+            client_cert: None,
+            subject_alt_names: sans.iter().map(|s| (*s).to_owned()).collect(),
+            insecure_skip_verify: skip,
+            alpn: vec![ALPN_HTTP11.to_vec()],
+        }
+    }
+
+    /// Runs one handshake against a server presenting `server`'s certificate.
+    async fn try_handshake(server: rustls::ServerConfig, spec: &TlsSpec) -> Result<(), TlsError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        tokio::spawn(async move {
+            if let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let config = TlsCache::new().config(spec)?;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        handshake(config, &spec.sni, tcp).await.map(drop)
+    }
+
+    #[tokio::test]
+    async fn verification_cases() {
+        let (pki_a, _) = pki(&["aliyun.com"]);
+        // Each case: SNI, DR subjectAltNames, insecureSkipVerify, names on the server cert,
+        // whether the handshake must succeed.
+        type Case<'a> = (&'a str, &'a [&'a str], bool, &'a [&'a str], bool);
+        let cases: [Case<'_>; 7] = [
+            ("aliyun.com", &[], false, &["aliyun.com"], true),
+            ("aliyun.com", &[], false, &["evil.example"], false),
+            (
+                "aliyun.com",
+                &["other.example"],
+                false,
+                &["other.example"],
+                true,
+            ),
+            (
+                "aliyun.com",
+                &["other.example"],
+                false,
+                &["aliyun.com"],
+                false,
+            ),
+            (
+                "aliyun.com",
+                &["spiffe://td/ns/a/sa/b"],
+                false,
+                &["spiffe://td/ns/a/sa/b"],
+                true,
+            ),
+            ("aliyun.com", &[], true, &["evil.example"], true),
+            ("*.wild.example", &[], false, &["aliyun.com"], false),
+        ];
+        for (sni, sans, skip, names, ok) in cases {
+            let (pki, server) = pki(names);
+            let spec = spec(&pki, sni, sans, skip);
+            let got = try_handshake(server, &spec).await;
+            assert_eq!(
+                got.is_ok(),
+                ok,
+                "sni {sni} sans {sans:?} skip {skip} names {names:?}: {got:?}"
+            );
+        }
+        // A certificate from another CA is refused with Envoy's reason shape.
+        let (_other, server) = pki(&["aliyun.com"]);
+        let err = try_handshake(server, &spec(&pki_a, "aliyun.com", &[], false))
+            .await
+            .expect_err("foreign CA");
+        let reason = err.transport_failure_reason();
+        assert!(
+            reason.starts_with("TLS_error:|CERTIFICATE_VERIFY_FAILED:"),
+            "{reason}"
+        );
+        drop(pki_a.dir);
+    }
+
+    #[test]
+    fn spec_from_destination_rule() {
+        let tls = ClientTls {
+            mode: TlsMode::Simple,
+            sni: None,
+            ca_certificates: None,
+            client_certificate: Some("/c.pem".into()),
+            private_key: Some("/k.pem".into()),
+            credential_name: None,
+            subject_alt_names: vec![],
+            insecure_skip_verify: false,
+        };
+        let s = TlsSpec::from_client_tls(&tls, "aliyun.com", &[ALPN_HTTP11]).expect("simple");
+        assert_eq!(s.sni, "aliyun.com");
+        // SIMPLE never presents a client certificate, even if files are named.
+        assert_eq!(s.client_cert, None);
+        let mutual = ClientTls {
+            mode: TlsMode::Mutual,
+            sni: Some("api.example".into()),
+            ..tls.clone()
+        };
+        let s = TlsSpec::from_client_tls(&mutual, "aliyun.com", &[ALPN_H2]).expect("mutual");
+        assert_eq!(s.sni, "api.example");
+        assert!(s.client_cert.is_some());
+        assert_eq!(s.alpn, vec![b"h2".to_vec()]);
+        let disable = ClientTls {
+            mode: TlsMode::Disable,
+            ..tls
+        };
+        assert!(TlsSpec::from_client_tls(&disable, "aliyun.com", &[]).is_none());
+    }
+
+    #[test]
+    fn unreadable_ca_file_is_a_config_error() {
+        let spec = TlsSpec {
+            sni: "a".into(),
+            ca_certificates: Some("/nonexistent/ca.pem".into()),
+            client_cert: None,
+            subject_alt_names: vec![],
+            insecure_skip_verify: false,
+            alpn: vec![],
+        };
+        let err = TlsCache::new().config(&spec).expect_err("missing file");
+        assert!(
+            matches!(err, TlsError::Config(ref m) if m.contains("/nonexistent/ca.pem")),
+            "{err}"
+        );
+    }
+}
