@@ -33,7 +33,7 @@ pub fn authorize(
     sni: Option<&str>,
 ) -> Result<(), Decision> {
     let principal = downstream.peer_identity.to_string();
-    let attrs = authz::attrs(downstream, &principal, port.port, sni, None);
+    let attrs = authz::attrs(snap, downstream, &principal, port.port, sni, None);
     let decision = authz::decide(snap, &proxy.gateway, Some(service), &attrs);
     if decision.is_allow() {
         Ok(())
@@ -261,7 +261,14 @@ pub async fn passthrough(proxy: Arc<Proxy>, downstream: Downstream, tunnel: Tunn
     let mut e = entry(&downstream, None);
     e.upstream_cluster = Some("PassthroughCluster".to_owned());
     let principal = downstream.peer_identity.to_string();
-    let attrs = authz::attrs(&downstream, &principal, downstream.local.port(), None, None);
+    let attrs = authz::attrs(
+        &snap,
+        &downstream,
+        &principal,
+        downstream.local.port(),
+        None,
+        None,
+    );
     let decision = authz::decide(&snap, &proxy.gateway, None, &attrs);
     if !decision.is_allow() {
         e.connection_termination_details = Some(authz::denial_details(&decision));

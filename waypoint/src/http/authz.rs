@@ -20,8 +20,11 @@ pub struct HttpRequest<'a> {
 
 /// Attributes of a flow through the waypoint. The source is the tunnel's verified identity; the
 /// source IP is the original client from `forwarded` (the HBONE peer is ztunnel, not the
-/// client), falling back to the peer when `forwarded` is absent.
+/// client), falling back to the peer when `forwarded` is absent. The source's labels (for
+/// selector-style sources such as ASMEgressTrafficPolicy's `workloadSelector`) are only taken
+/// from the pod at the client IP when that pod's identity is the tunnel's verified peer.
 pub fn attrs<'a>(
+    snap: &'a Snapshot,
     downstream: &'a Downstream,
     principal: &'a str,
     port: u16,
@@ -32,7 +35,7 @@ pub fn attrs<'a>(
     RequestAttrs {
         source_principal: Some(principal),
         source_namespace: Some(downstream.peer_identity.namespace.as_str()),
-        source_labels: None,
+        source_labels: crate::observe::source_workload_labels(snap, downstream),
         source_ip: Some(remote),
         remote_ip: Some(remote),
         destination_ip: Some(downstream.local.ip()),
@@ -185,13 +188,14 @@ spec:
         for (i, (sa, client, req, want)) in cases.into_iter().enumerate() {
             let d = downstream(sa, client);
             let principal = d.peer_identity.to_string();
-            let a = attrs(&d, &principal, 80, None, req);
+            let a = attrs(&snap, &d, &principal, 80, None, req);
             let got = decide(&snap, &gw, Some(&svc), &a);
             assert_eq!(got.is_allow(), want, "case {i}: {got:?}");
         }
         let d = downstream("sleep", "10.244.1.10:5000");
         let principal = d.peer_identity.to_string();
         let a = attrs(
+            &snap,
             &d,
             &principal,
             80,

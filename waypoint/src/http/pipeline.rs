@@ -94,6 +94,7 @@ pub async fn handle(
             headers: &parts.headers,
         };
         let attrs = authz::attrs(
+            &snap,
             &ctx.downstream,
             &ctx.principal,
             port.port,
