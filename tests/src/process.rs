@@ -136,8 +136,10 @@ impl ChildGuard {
             .suffix(".log")
             .tempfile()
             .context("creating the child's log file")?;
+        // One open file description for both streams (dup shares the offset): two separate
+        // opens would each write from offset 0 and overwrite each other's lines.
         let stdout = log.reopen().context("opening the log file")?;
-        let stderr = log.reopen().context("opening the log file")?;
+        let stderr = stdout.try_clone().context("duplicating the log file")?;
         let child = command
             .stdin(Stdio::null())
             .stdout(stdout)
