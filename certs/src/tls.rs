@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -19,8 +19,7 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DistinguishedName, OtherError, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -174,39 +173,47 @@ impl fmt::Display for Rejected {
 
 impl std::error::Error for Rejected {}
 
-// Handshake signatures, shared by both verifiers. TLS 1.2 is unreachable with our TLS 1.3-only
-// configs; it is verified properly anyway rather than accepted.
+/// Re-exported for [`handshake_signature_methods!`], so its expansion names rustls' types
+/// whatever the calling crate calls its rustls dependency.
+#[doc(hidden)]
+pub use rustls as __rustls;
 
-fn verify_tls12(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls12_signature(
-        message,
-        cert,
-        dss,
-        &PROVIDER.signature_verification_algorithms,
-    )
-}
+/// Expands, inside an `impl ServerCertVerifier` or `impl ClientCertVerifier` block, to the
+/// three handshake-signature methods (`verify_tls12_signature`, `verify_tls13_signature`,
+/// `supported_verify_schemes`), all checking with the `WebPkiSupportedAlgorithms` that the
+/// closure-like argument returns for the verifier, e.g.
+/// `handshake_signature_methods!(|v| &v.provider.signature_verification_algorithms);`.
+///
+/// Every custom verifier must check the handshake signature properly, even one that accepts
+/// any certificate, so the key holder is proven; this keeps those checks identical everywhere.
+#[macro_export]
+macro_rules! handshake_signature_methods {
+    (|$verifier:ident| $algorithms:expr) => {
+        $crate::handshake_signature_methods!(@verify verify_tls12_signature, |$verifier| $algorithms);
+        $crate::handshake_signature_methods!(@verify verify_tls13_signature, |$verifier| $algorithms);
 
-fn verify_tls13(
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &PROVIDER.signature_verification_algorithms,
-    )
-}
-
-fn verify_schemes() -> Vec<SignatureScheme> {
-    PROVIDER
-        .signature_verification_algorithms
-        .supported_schemes()
+        fn supported_verify_schemes(
+            &self,
+        ) -> ::std::vec::Vec<$crate::tls::__rustls::SignatureScheme> {
+            let $verifier = self;
+            $algorithms.supported_schemes()
+        }
+    };
+    // The trait methods share their names with the rustls functions that implement them.
+    (@verify $method:ident, |$verifier:ident| $algorithms:expr) => {
+        fn $method(
+            &self,
+            message: &[u8],
+            cert: &$crate::tls::__rustls::pki_types::CertificateDer<'_>,
+            dss: &$crate::tls::__rustls::DigitallySignedStruct,
+        ) -> ::std::result::Result<
+            $crate::tls::__rustls::client::danger::HandshakeSignatureValid,
+            $crate::tls::__rustls::Error,
+        > {
+            let $verifier = self;
+            $crate::tls::__rustls::crypto::$method(message, cert, dss, $algorithms)
+        }
+    };
 }
 
 /// Verifies a server: one of its URI SANs must be an expected identity, and the chain must lead
@@ -270,27 +277,9 @@ impl ServerCertVerifier for IdentityVerifier {
         )))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        verify_schemes()
-    }
+    // TLS 1.2 is unreachable with our TLS 1.3-only configs; it is verified properly anyway
+    // rather than accepted.
+    crate::handshake_signature_methods!(|_verifier| &PROVIDER.signature_verification_algorithms);
 }
 
 /// Verifies a client: rustls' webpki client verifier over the roots of the trust domain the
@@ -348,25 +337,7 @@ impl ClientCertVerifier for TrustDomainVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        verify_schemes()
-    }
+    // TLS 1.2 is unreachable with our TLS 1.3-only configs; it is verified properly anyway
+    // rather than accepted.
+    crate::handshake_signature_methods!(|_verifier| &PROVIDER.signature_verification_algorithms);
 }

@@ -61,6 +61,15 @@ impl PodLab {
     }
 }
 
+/// Runs `test` (bounded) against a fresh [`PodLab`]; skipped where the lab cannot run.
+async fn with_pod_lab(test: impl AsyncFnOnce(&PodLab) -> Result<()>) -> Result<()> {
+    if !lab_enabled() {
+        return Ok(());
+    }
+    let lab = PodLab::new()?;
+    bounded(test(&lab)).await
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
@@ -71,6 +80,21 @@ async fn capture_listener(pod: &NetnsHandle, port: u16) -> Result<TcpListener> {
     Ok(pod
         .tcp_listener(SocketAddr::from(([0u16; 8], port)))
         .await?)
+}
+
+/// Connects from `from` to `dst` (with `mark`); returns the client and what `listener` accepted
+/// within 5 s, if anything.
+async fn dial(
+    from: &NetnsHandle,
+    dst: SocketAddr,
+    mark: Option<u32>,
+    listener: &TcpListener,
+) -> Result<(TcpStream, Option<(TcpStream, SocketAddr)>)> {
+    let client = connect_in(from, dst, mark).await?;
+    Ok((
+        client,
+        accept_within(listener, Duration::from_secs(5)).await,
+    ))
 }
 
 async fn accept_within(listener: &TcpListener, wait: Duration) -> Option<(TcpStream, SocketAddr)> {
@@ -106,10 +130,9 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Connects from the pod to `dst` and asserts the connection lands on `capture` with `dst` as its
 /// original destination.
 async fn assert_captured(lab: &PodLab, capture: &TcpListener, dst: SocketAddr) -> Result<()> {
-    let mut client = connect_in(&lab.pod_ns, dst, None).await?;
-    let (mut server, peer) = accept_within(capture, Duration::from_secs(5))
-        .await
-        .with_context(|| format!("connection to {dst} was not captured"))?;
+    let (mut client, accepted) = dial(&lab.pod_ns, dst, None, capture).await?;
+    let (mut server, peer) =
+        accepted.with_context(|| format!("connection to {dst} was not captured"))?;
     ensure!(
         canonical(peer) == canonical(client.local_addr()?),
         "peer {peer} is not the client"
@@ -128,9 +151,8 @@ async fn assert_bypassed(
     dst: SocketAddr,
     mark: Option<u32>,
 ) -> Result<()> {
-    let mut client = connect_in(&lab.pod_ns, dst, mark).await?;
-    let (mut server, _) = accept_within(real, Duration::from_secs(5))
-        .await
+    let (mut client, accepted) = dial(&lab.pod_ns, dst, mark, real).await?;
+    let (mut server, _) = accepted
         .with_context(|| format!("connection to {dst} did not reach the real destination"))?;
     ensure!(server.local_addr()? == dst);
     round_trip(&mut client, &mut server).await?;
@@ -259,18 +281,14 @@ async fn rules_install_idempotently_and_remove_exactly_ours() -> Result<()> {
 
 #[tokio::test]
 async fn outbound_tcp_is_captured_with_its_original_destination() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
-        install(&lab, &CaptureConfig::default()).await?;
+    with_pod_lab(async |lab| {
+        install(lab, &CaptureConfig::default()).await?;
         let capture = capture_listener(&lab.pod_ns, 15001).await?;
         // Nothing listens on the destinations: only the capture can accept these.
-        assert_captured(&lab, &capture, addr(&format!("{WEB_V4}:80"))).await?;
-        assert_captured(&lab, &capture, addr(&format!("[{WEB_V6}]:443"))).await?;
+        assert_captured(lab, &capture, addr(&format!("{WEB_V4}:80"))).await?;
+        assert_captured(lab, &capture, addr(&format!("[{WEB_V6}]:443"))).await?;
         // Any address with a route is captured, not just hosts that exist.
-        assert_captured(&lab, &capture, addr("198.51.100.7:8443")).await?;
+        assert_captured(lab, &capture, addr("198.51.100.7:8443")).await?;
         Ok(())
     })
     .await
@@ -278,11 +296,7 @@ async fn outbound_tcp_is_captured_with_its_original_destination() -> Result<()> 
 
 #[tokio::test]
 async fn capture_scope_by_cidr_and_port() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
+    with_pod_lab(async |lab| {
         let capture = capture_listener(&lab.pod_ns, 15001).await?;
         let real = lab
             .web_ns
@@ -293,23 +307,23 @@ async fn capture_scope_by_cidr_and_port() -> Result<()> {
         // Excluded CIDR: goes straight to the real host; other destinations still captured.
         let mut cfg = CaptureConfig::default();
         cfg.scope.exclude_outbound_cidrs = parse_cidr_list("203.0.113.0/24")?;
-        install(&lab, &cfg).await?;
-        assert_bypassed(&lab, &capture, &real, web, None).await?;
-        assert_captured(&lab, &capture, addr("198.51.100.7:80")).await?;
+        install(lab, &cfg).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
+        assert_captured(lab, &capture, addr("198.51.100.7:80")).await?;
 
         // Include list: only the cluster's service range is captured.
         let mut cfg = CaptureConfig::default();
         cfg.scope.include_outbound_cidrs = CidrSelector::Only(parse_cidr_list("10.96.0.0/12")?);
-        install(&lab, &cfg).await?;
-        assert_bypassed(&lab, &capture, &real, web, None).await?;
-        assert_captured(&lab, &capture, addr("10.96.0.10:80")).await?;
+        install(lab, &cfg).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
+        assert_captured(lab, &capture, addr("10.96.0.10:80")).await?;
 
         // Excluded port.
         let mut cfg = CaptureConfig::default();
         cfg.scope.exclude_outbound_ports = vec![80];
-        install(&lab, &cfg).await?;
-        assert_bypassed(&lab, &capture, &real, web, None).await?;
-        assert_captured(&lab, &capture, addr(&format!("{WEB_V4}:8080"))).await?;
+        install(lab, &cfg).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
+        assert_captured(lab, &capture, addr(&format!("{WEB_V4}:8080"))).await?;
         Ok(())
     })
     .await
@@ -317,20 +331,16 @@ async fn capture_scope_by_cidr_and_port() -> Result<()> {
 
 #[tokio::test]
 async fn marked_sockets_are_not_captured() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
-        install(&lab, &CaptureConfig::default()).await?;
+    with_pod_lab(async |lab| {
+        install(lab, &CaptureConfig::default()).await?;
         let capture = capture_listener(&lab.pod_ns, 15001).await?;
         for web in [format!("{WEB_V4}:80"), format!("[{WEB_V6}]:80")] {
             let web = addr(&web);
             let real = lab.web_ns.tcp_listener(web).await?;
-            assert_bypassed(&lab, &capture, &real, web, Some(MARK)).await?;
+            assert_bypassed(lab, &capture, &real, web, Some(MARK)).await?;
             // The same connection without the mark is captured: the mark is what made the
             // difference.
-            assert_captured(&lab, &capture, web).await?;
+            assert_captured(lab, &capture, web).await?;
         }
         Ok(())
     })
@@ -339,12 +349,8 @@ async fn marked_sockets_are_not_captured() -> Result<()> {
 
 #[tokio::test]
 async fn dns_is_redirected_to_the_dns_port() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
-        install(&lab, &CaptureConfig::default()).await?;
+    with_pod_lab(async |lab| {
+        install(lab, &CaptureConfig::default()).await?;
         for (proxy_bind, resolver) in [
             ("127.0.0.1:15053", "203.0.113.53:53"),
             ("[::1]:15053", "[2001:db8:113::53]:53"),
@@ -374,10 +380,9 @@ async fn dns_is_redirected_to_the_dns_port() -> Result<()> {
 
             // TCP 53 goes to the same port.
             let proxy_tcp = lab.pod_ns.tcp_listener(addr(proxy_bind)).await?;
-            let mut client = connect_in(&lab.pod_ns, resolver, None).await?;
-            let (mut server, _) = accept_within(&proxy_tcp, Duration::from_secs(5))
-                .await
-                .with_context(|| format!("tcp dns to {resolver} not redirected"))?;
+            let (mut client, accepted) = dial(&lab.pod_ns, resolver, None, &proxy_tcp).await?;
+            let (mut server, _) =
+                accepted.with_context(|| format!("tcp dns to {resolver} not redirected"))?;
             ensure!(original_dst(&server)? == resolver);
             round_trip(&mut client, &mut server).await?;
         }
@@ -401,29 +406,21 @@ async fn dns_is_redirected_to_the_dns_port() -> Result<()> {
 
 #[tokio::test]
 async fn inbound_tcp_is_captured_except_hbone() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
-        install(&lab, &CaptureConfig::default()).await?;
+    with_pod_lab(async |lab| {
+        install(lab, &CaptureConfig::default()).await?;
         let inbound = capture_listener(&lab.pod_ns, 15006).await?;
         let hbone = capture_listener(&lab.pod_ns, 15008).await?;
         let app = SocketAddr::new(lab.pod.ip(), 8080);
 
-        let mut client = connect_in(&lab.web_ns, app, None).await?;
-        let (mut server, peer) = accept_within(&inbound, Duration::from_secs(5))
-            .await
-            .context("inbound connection not captured")?;
+        let (mut client, accepted) = dial(&lab.web_ns, app, None, &inbound).await?;
+        let (mut server, peer) = accepted.context("inbound connection not captured")?;
         ensure!(canonical(peer).ip() == lab.web.ip(), "peer {peer}");
         ensure!(original_dst(&server)? == app);
         round_trip(&mut client, &mut server).await?;
 
         let tunnel = SocketAddr::new(lab.pod.ip(), 15008);
-        let mut client = connect_in(&lab.web_ns, tunnel, None).await?;
-        let (mut server, _) = accept_within(&hbone, Duration::from_secs(5))
-            .await
-            .context("HBONE connection did not reach 15008")?;
+        let (mut client, accepted) = dial(&lab.web_ns, tunnel, None, &hbone).await?;
+        let (mut server, _) = accepted.context("HBONE connection did not reach 15008")?;
         ensure!(canonical(server.local_addr()?) == tunnel);
         round_trip(&mut client, &mut server).await?;
         ensure!(
@@ -440,22 +437,17 @@ async fn inbound_tcp_is_captured_except_hbone() -> Result<()> {
 /// `original_dst` must refuse those, or ztunnel would dial itself in a loop.
 #[tokio::test]
 async fn direct_connections_to_capture_ports_have_no_original_destination() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
-        install(&lab, &CaptureConfig::default()).await?;
+    with_pod_lab(async |lab| {
+        install(lab, &CaptureConfig::default()).await?;
         let outbound = capture_listener(&lab.pod_ns, 15001).await?;
         let inbound = capture_listener(&lab.pod_ns, 15006).await?;
 
         // A process in the pod dialling the outbound port on loopback (not captured: `-o lo`).
         for dst in ["127.0.0.1:15001", "[::1]:15001"] {
             let dst = addr(dst);
-            let _client = connect_in(&lab.pod_ns, dst, None).await?;
-            let (server, _) = accept_within(&outbound, Duration::from_secs(5))
-                .await
-                .with_context(|| format!("direct connection to {dst} not accepted"))?;
+            let (_client, accepted) = dial(&lab.pod_ns, dst, None, &outbound).await?;
+            let (server, _) =
+                accepted.with_context(|| format!("direct connection to {dst} not accepted"))?;
             match original_dst(&server) {
                 Ok(original) => bail!("{dst}: got original destination {original}"),
                 Err(e) => ensure!(inpod::is_not_redirected(&e), "{dst}: unexpected error {e}"),
@@ -464,15 +456,13 @@ async fn direct_connections_to_capture_ports_have_no_original_destination() -> R
 
         // A peer dialling the inbound port on the pod's address: REDIRECT maps it onto itself.
         let dst = SocketAddr::new(lab.pod.ip(), 15006);
-        let _client = connect_in(&lab.web_ns, dst, None).await?;
-        let (server, _) = accept_within(&inbound, Duration::from_secs(5))
-            .await
-            .context("direct connection to the inbound port not accepted")?;
+        let (_client, accepted) = dial(&lab.web_ns, dst, None, &inbound).await?;
+        let (server, _) = accepted.context("direct connection to the inbound port not accepted")?;
         let err = original_dst(&server).expect_err("not redirected");
         ensure!(inpod::is_not_redirected(&err), "unexpected error {err}");
 
         // Control: a captured connection still reports where it was going.
-        assert_captured(&lab, &outbound, addr(&format!("{WEB_V4}:80"))).await?;
+        assert_captured(lab, &outbound, addr(&format!("{WEB_V4}:80"))).await?;
         Ok(())
     })
     .await
@@ -480,18 +470,14 @@ async fn direct_connections_to_capture_ports_have_no_original_destination() -> R
 
 #[tokio::test]
 async fn removed_rules_stop_capturing() -> Result<()> {
-    if !lab_enabled() {
-        return Ok(());
-    }
-    let lab = PodLab::new()?;
-    bounded(async {
+    with_pod_lab(async |lab| {
         let capture = capture_listener(&lab.pod_ns, 15001).await?;
         let web = addr(&format!("{WEB_V4}:80"));
         let real = lab.web_ns.tcp_listener(web).await?;
-        install(&lab, &CaptureConfig::default()).await?;
-        assert_captured(&lab, &capture, web).await?;
+        install(lab, &CaptureConfig::default()).await?;
+        assert_captured(lab, &capture, web).await?;
         inpod::remove_rules(&lab.pod_ns, &IpFamily::ALL).await?;
-        assert_bypassed(&lab, &capture, &real, web, None).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
         Ok(())
     })
     .await

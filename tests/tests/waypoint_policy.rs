@@ -3,8 +3,7 @@
 
 mod waypoint_lab;
 
-use mesh_tests::{lab_enabled, lab_test};
-use waypoint_lab::{LabConfig, WaypointLab, field};
+use waypoint_lab::{LabConfig, WaypointLab, field, lab_case};
 
 const POLICIES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -73,10 +72,7 @@ spec:
 
 #[test]
 fn authorization_policies_at_l7_and_l4() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = WaypointLab::start(LabConfig::new(
             POLICIES,
             &[
@@ -148,10 +144,7 @@ fn authorization_policies_at_l7_and_l4() {
 
 #[test]
 fn registry_only_answers_502_for_unregistered_hosts() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         // 203.0.113.13 (good.example) is reachable but not registered.
         let lab = WaypointLab::start(
             LabConfig::new(
@@ -180,10 +173,7 @@ fn registry_only_answers_502_for_unregistered_hosts() {
 
 #[test]
 fn allow_any_passes_unregistered_destinations_through() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = WaypointLab::start(LabConfig::new(
             waypoint_lab::ALIYUN_SE,
             &["203.0.113.13:80"],

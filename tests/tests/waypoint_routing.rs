@@ -7,8 +7,7 @@ mod waypoint_lab;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_tests::{lab_enabled, lab_test};
-use waypoint_lab::{LabConfig, WaypointLab, field};
+use waypoint_lab::{LabConfig, WaypointLab, field, lab_case};
 
 const ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -81,10 +80,7 @@ fn lab() -> anyhow::Result<WaypointLab> {
 
 #[test]
 fn seed_002_five_second_delay_shows_at_curl() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = lab()?;
         let out = lab.curl(0, "http://aliyun.com/delay", &[])?;
         assert_eq!(out.status, 200, "{out:?}");
@@ -101,10 +97,7 @@ fn seed_002_five_second_delay_shows_at_curl() {
 
 #[test]
 fn abort_timeout_redirect_headers_rewrite() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = lab()?;
         // Abort.
         let out = lab.curl(0, "http://aliyun.com/abort", &[])?;
@@ -151,21 +144,13 @@ fn abort_timeout_redirect_headers_rewrite() {
 
 #[test]
 fn weighted_split_and_mirror() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = lab()?;
         // 1,000 requests on keep-alive connections: 70 % to aliyun.com (301), 30 % httpbin (200).
-        let via = lab.connect_to(0);
         let urls: Vec<String> = (0..1000)
             .map(|i| format!("http://aliyun.com/split?{i}"))
             .collect();
-        let mut args: Vec<&str> = vec!["-w", "%{http_code}\\n", "--connect-to", &via];
-        for u in &urls {
-            args.extend(["-o", "/dev/null", u.as_str()]);
-        }
-        let out = lab.curl_raw(&args)?;
+        let out = lab.curl_statuses(0, &urls)?;
         let codes: Vec<&str> = out.lines().collect();
         assert_eq!(codes.len(), 1000, "{out}");
         let to_httpbin = codes.iter().filter(|c| **c == "200").count();
@@ -254,10 +239,7 @@ spec:
 
 #[test]
 fn retries_hide_a_flaky_upstream() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = WaypointLab::start(LabConfig::new(
             FLAKY,
             &[
@@ -267,13 +249,12 @@ fn retries_hide_a_flaky_upstream() {
             ],
         ))?;
         let codes = |i: usize, host: &str, n: usize| -> anyhow::Result<Vec<String>> {
-            let via = lab.connect_to(i);
             let urls: Vec<String> = (0..n).map(|k| format!("http://{host}/?{k}")).collect();
-            let mut args: Vec<&str> = vec!["-w", "%{http_code}\\n", "--connect-to", &via];
-            for u in &urls {
-                args.extend(["-o", "/dev/null", u.as_str()]);
-            }
-            Ok(lab.curl_raw(&args)?.lines().map(str::to_owned).collect())
+            Ok(lab
+                .curl_statuses(i, &urls)?
+                .lines()
+                .map(str::to_owned)
+                .collect())
         };
         // Round-robin over a 503 and a 200 endpoint; 5xx retries make every answer a 200...
         let with = codes(0, "flaky.example", 20)?;
@@ -311,10 +292,7 @@ fn retries_hide_a_flaky_upstream() {
 
 #[test]
 fn config_changes_apply_without_restart() {
-    if !lab_enabled() {
-        return;
-    }
-    lab_test(|| {
+    lab_case(|| {
         let lab = lab()?;
         assert_eq!(lab.curl(0, "http://aliyun.com/", &[])?.status, 301);
         let abort_all = r#"

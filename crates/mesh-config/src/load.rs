@@ -10,6 +10,7 @@ use crate::error::{ConfigError, SourceRef};
 use crate::model::{asm, core, gateway, meta::Resource, networking, security};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
 use serde_yaml_ng::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -636,7 +637,7 @@ fn stage_object(
 
     macro_rules! typed {
         ($ty:ty, $variant:ident) => {{
-            match parse::<$ty>(body) {
+            match parse_all::<$ty>(body) {
                 Ok(v) => out.push(Staged::Object {
                     kind,
                     namespace,
@@ -644,14 +645,22 @@ fn stage_object(
                     display,
                     value: Box::new(Typed::$variant(v)),
                 }),
-                Err((path, msg)) => {
-                    let path = if path == "." { String::new() } else { path };
-                    let full = match (prefix.is_empty(), path.is_empty()) {
-                        (true, _) => path,
-                        (false, true) => prefix.to_owned(),
-                        (false, false) => format!("{prefix}.{path}"),
-                    };
-                    stage_err(out, Some(kind.as_str().into()), Some(display), &full, msg);
+                Err(errors) => {
+                    for (path, msg) in errors {
+                        let path = if path == "." { String::new() } else { path };
+                        let full = match (prefix.is_empty(), path.is_empty()) {
+                            (true, _) => path,
+                            (false, true) => prefix.to_owned(),
+                            (false, false) => format!("{prefix}.{path}"),
+                        };
+                        stage_err(
+                            out,
+                            Some(kind.as_str().into()),
+                            Some(display.clone()),
+                            &full,
+                            msg,
+                        );
+                    }
                 }
             }
         }};
@@ -741,11 +750,104 @@ impl Seen {
     }
 }
 
-fn parse<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        (path, e.into_inner().to_string())
-    })
+/// Bounds the errors [`parse_all`] collects: plenty for real typos, and a pathological document
+/// cannot keep the loader busy.
+const MAX_ERRORS_PER_DOCUMENT: usize = 32;
+
+/// Deserializes one object strictly, returning every structural error as `(path, message)` in
+/// document order rather than only the first. Serde stops at the first error, so after each one
+/// the offending node (the unknown key, or the badly typed field) is removed from the tree and
+/// deserialization is retried. A removed field the type requires (`number: eighty`) is put back
+/// as a neutral placeholder (`0`, `""`, `false`, `[]`, `{}`, first that fits); errors at paths we
+/// edited are ours, never reported. It stops when the rest parses, at
+/// [`MAX_ERRORS_PER_DOCUMENT`], or at an error it cannot step over: a missing required field, a
+/// whole sequence element (removing it would shift the indices reported for later elements), or
+/// a path that does not resolve in the tree.
+fn parse_all<T: DeserializeOwned>(mut value: Value) -> Result<T, Vec<(String, String)>> {
+    let placeholders = || {
+        [
+            Value::from(0),
+            Value::from(""),
+            Value::Bool(false),
+            Value::Sequence(Vec::new()),
+            Value::Mapping(serde_yaml_ng::Mapping::new()),
+        ]
+    };
+    let mut errors: Vec<(String, String)> = Vec::new();
+    // Paths we removed, with the next placeholder to try there. Terminates: every turn either
+    // records an error at a new path (at most MAX_ERRORS_PER_DOCUMENT) or uses up a placeholder.
+    let mut edited: Vec<(String, usize)> = Vec::new();
+    loop {
+        let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(v) if errors.is_empty() => return Ok(v),
+            Ok(_) => return Err(errors),
+            Err(e) => e,
+        };
+        let mut segments: Vec<Segment> = err.path().iter().cloned().collect();
+        let mut path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split_once('`'))
+            .map(|(field, _)| field.to_owned());
+        if let Some(field) = &missing {
+            let full = if path == "." {
+                field.clone()
+            } else {
+                format!("{path}.{field}")
+            };
+            if edited.iter().any(|(p, _)| *p == full) {
+                segments.push(Segment::Map { key: field.clone() });
+                path = full;
+            }
+        }
+        if let Some((_, next)) = edited.iter_mut().find(|(p, _)| *p == path) {
+            let Some(v) = placeholders().into_iter().nth(*next) else {
+                return Err(errors);
+            };
+            *next += 1;
+            if !set_node(&mut value, &segments, Some(v)) {
+                return Err(errors);
+            }
+            continue;
+        }
+        errors.push((path.clone(), message));
+        if missing.is_some()
+            || errors.len() >= MAX_ERRORS_PER_DOCUMENT
+            || !set_node(&mut value, &segments, None)
+        {
+            return Err(errors);
+        }
+        edited.push((path, 0));
+    }
+}
+
+/// Sets (`Some`) or removes (`None`, keeping the order of the other keys) the mapping entry at
+/// `path`; `false` when the path does not end in a mapping key or does not resolve.
+fn set_node(value: &mut Value, path: &[Segment], new: Option<Value>) -> bool {
+    let Some((Segment::Map { key }, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for seg in parents {
+        let next = match seg {
+            Segment::Map { key } => node.get_mut(key.as_str()),
+            Segment::Seq { index } => node.get_mut(*index),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        };
+        let Some(next) = next else { return false };
+        node = next;
+    }
+    let Some(map) = node.as_mapping_mut() else {
+        return false;
+    };
+    match new {
+        Some(v) => {
+            map.insert(Value::from(key.as_str()), v);
+            true
+        }
+        None => map.shift_remove(key.as_str()).is_some(),
+    }
 }
 
 fn push_err(
@@ -875,6 +977,31 @@ mod tests {
             "{}",
             l.errors[0].message
         );
+    }
+
+    #[test]
+    fn parse_all_stops_where_it_cannot_step_over() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+            #[serde(default)]
+            b: Vec<u32>,
+        }
+        let run = |y: &str| {
+            let v: Value = serde_yaml_ng::from_str(y).expect("test YAML");
+            parse_all::<T>(v).unwrap_err()
+        };
+        let paths = |e: Vec<(String, String)>| e.into_iter().map(|(p, _)| p).collect::<Vec<_>>();
+        // A genuinely missing required field is reported, and ends the document.
+        let e = run("{x: 1, b: [1]}");
+        assert_eq!(paths(e.clone()), ["x", "."]);
+        assert!(e[1].1.starts_with("missing field `a`"), "{e:?}");
+        // A bad sequence element ends it too (removing it would renumber later elements).
+        assert_eq!(paths(run("{b: [x, y], a: 1, z: 2}")), ["b[0]"]);
+        // A bad required field is stepped over without a second error for it.
+        assert_eq!(paths(run("{a: x, z: 1}")), ["a", "z"]);
     }
 
     #[test]

@@ -229,3 +229,43 @@ fn namespace_from_directory_and_default() {
     );
     assert_eq!(s.service_by_host("c.com").unwrap().name.namespace, "chosen");
 }
+
+#[test]
+fn every_structural_error_in_one_document() {
+    // serde stops at the first problem; the loader keeps going past each one, and the field
+    // it had to drop (`number`) does not come back as a spurious "missing field".
+    let se = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: many, namespace: egress}
+spec:
+  hosts: [aliyun.com]
+  exportTo: ["."]
+  colour: blue
+  ports:
+  - {number: eighty, name: http, protocol: HTTP}
+  - {number: 443, name: https, protocol: TLS, tls: true}
+  resolution: DNS
+"#;
+    let err = load(&[("se.yaml", se)]).unwrap_err();
+    let got: Vec<(Option<&str>, &str)> = err
+        .iter()
+        .map(|e| (e.path.as_deref(), e.message.as_str()))
+        .collect();
+    let want = [
+        ("spec.colour", "unknown field `colour`"),
+        ("spec.ports[0].number", "invalid type: string \"eighty\""),
+        ("spec.ports[1].tls", "unknown field `tls`"),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for ((path, msg), (want_path, want_msg)) in got.iter().zip(want) {
+        assert_eq!(*path, Some(want_path), "{got:#?}");
+        assert!(msg.starts_with(want_msg), "{msg:?} for {want_path}");
+    }
+    let lines: Vec<String> = err.iter().map(|e| e.to_string()).collect();
+    assert!(
+        lines[0].starts_with("se.yaml:document 1: ServiceEntry egress/many: spec.colour: "),
+        "{}",
+        lines[0]
+    );
+}

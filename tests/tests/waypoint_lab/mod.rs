@@ -469,10 +469,29 @@ impl WaypointLab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Fetches every one of `urls` through target `i` in a single curl run, so requests share
+    /// keep-alive connections; bodies are discarded and stdout has one status code per line.
+    pub fn curl_statuses(&self, i: usize, urls: &[String]) -> Result<String> {
+        let via = self.connect_to(i);
+        let mut args: Vec<&str> = vec!["-w", "%{http_code}\\n", "--connect-to", &via];
+        for u in urls {
+            args.extend(["-o", "/dev/null", u.as_str()]);
+        }
+        self.curl_raw(&args)
+    }
+
     /// The waypoint's admin endpoint `path`.
     pub fn admin(&self, path: &str) -> Result<String> {
         self.curl_raw(&[&format!("http://127.0.0.1:15000{path}")])
     }
+}
+
+/// Runs `body` as a lab test (`mesh_tests::lab_test`), or skips it where the lab cannot run.
+pub fn lab_case(body: impl FnOnce() -> Result<()>) {
+    if !mesh_tests::lab_enabled() {
+        return;
+    }
+    mesh_tests::lab_test(body);
 }
 
 /// A string field of an access-log entry.
