@@ -73,6 +73,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    hbone::alloc::tune_glibc_malloc();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Check { dir }) => {

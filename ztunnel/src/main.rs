@@ -6,6 +6,7 @@ use clap::Parser;
 use ztunnel::{Args, Command};
 
 fn main() -> ExitCode {
+    hbone::alloc::tune_glibc_malloc();
     let args = Args::parse();
     match args.command {
         Some(Command::Check { dir }) => {

@@ -423,19 +423,6 @@ fn ratio(name: &str, ours: Sample, base: Sample, target: &str) {
     );
 }
 
-/// glibc returns freed memory at the top of a heap to the kernel as soon as 128 KiB are free;
-/// HBONE's producer/consumer buffers then page-fault on every reuse. A high trim threshold (what
-/// jemalloc's retention amounts to) removes that; see README.md.
-fn tune_glibc_malloc() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes allocator parameters.
-        return unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) } == 1;
-    }
-    #[allow(unreachable_code)]
-    false
-}
-
 async fn run(args: Args) -> io::Result<()> {
     let total = Instant::now();
     let ca = Arc::new(CertificateAuthority::generate("cluster.local").map_err(io::Error::other)?);
@@ -455,7 +442,7 @@ async fn run(args: Args) -> io::Result<()> {
     let reps = args.reps.max(1);
     if let Some(only) = &args.only {
         if args.tune_malloc {
-            tune_glibc_malloc();
+            hbone::alloc::tune_glibc_malloc();
         }
         for _ in 0..reps {
             let s = measure(async {
@@ -488,7 +475,7 @@ async fn run(args: Args) -> io::Result<()> {
         untuned.push(measure(async { blast(fx.tunnel(SINK).await?, size).await }).await?);
     }
     let untuned = summarize(untuned);
-    let tuned = args.tune_malloc && tune_glibc_malloc();
+    let tuned = args.tune_malloc && hbone::alloc::tune_glibc_malloc();
 
     let (mut tcp, mut tls, mut tun) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {

@@ -73,6 +73,7 @@
 //!
 //! Measured throughput and latency are in this crate's README.md.
 
+pub mod alloc;
 mod client;
 mod config;
 mod copy;
