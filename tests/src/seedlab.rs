@@ -117,365 +117,57 @@ static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 static PROBE_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The seeds' YAML, verbatim (see `/work/shared/seeds`, the user's reference documents).
+/// Read from mesh-config's seed fixtures, so the verbatim YAML lives in one place.
 pub mod seeds {
+    macro_rules! seed {
+        ($file:literal) => {
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../crates/mesh-config/tests/fixtures/seeds/",
+                $file
+            ))
+        };
+    }
+
     /// 000 step 1 (also 001 step 1 with another image): the sleep application.
-    pub const SLEEP: &str = r#"apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: sleep
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: sleep
-  labels:
-    app: sleep
-    service: sleep
-spec:
-  ports:
-  - port: 80
-    name: http
-  selector:
-    app: sleep
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: sleep
-spec:
-  replicas: 1
-  selector:
-    matchLabels:
-      app: sleep
-  template:
-    metadata:
-      labels:
-        app: sleep
-    spec:
-      terminationGracePeriodSeconds: 0
-      serviceAccountName: sleep
-      containers:
-      - name: sleep
-        image: registry-cn-hangzhou.ack.aliyuncs.com/ack-demo/curl:asm-sleep
-        command: ["/bin/sleep", "infinity"]
-        imagePullPolicy: IfNotPresent
-        volumeMounts:
-        - mountPath: /etc/sleep/tls
-          name: secret-volume
-      volumes:
-      - name: secret-volume
-        secret:
-          secretName: sleep-secret
-          optional: true
-"#;
+    pub const SLEEP: &str = seed!("000-step1-sleep.yaml");
 
     /// 000 step 2: `kubectl apply -n istio-egress` of the waypoint Gateway.
-    pub const S000_WAYPOINT_GATEWAY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - name: mesh
-    port: 15008
-    protocol: HBONE
-"#;
+    pub const S000_WAYPOINT_GATEWAY: &str = seed!("istio-egress/000-step2-waypoint-gateway.yaml");
 
     /// 000 step 3: `kubectl apply -n istio-egress` of the aliyun.com ServiceEntry.
-    pub const S000_SERVICE_ENTRY: &str = r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: external-svc-aliyun
-spec:
-  hosts:
-  - aliyun.com
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: https
-    protocol: HTTPS
-  resolution: DNS
-"#;
+    pub const S000_SERVICE_ENTRY: &str = seed!("istio-egress/000-step3-serviceentry.yaml");
 
     /// 000 step 4.1: port 80 mapped to the external service's 443.
-    pub const S000_SERVICE_ENTRY_UPGRADE: &str = r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: external-svc-aliyun
-spec:
-  hosts:
-  - aliyun.com
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-    targetPort: 443
-  - number: 443
-    name: https
-    protocol: HTTPS
-  resolution: DNS
-"#;
+    pub const S000_SERVICE_ENTRY_UPGRADE: &str =
+        seed!("istio-egress/000-step4-serviceentry-https-upgrade.yaml");
 
     /// 000 step 4.2: TLS origination at the waypoint for port 80.
-    pub const S000_DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: aliyun-com
-spec:
-  host: aliyun.com
-  trafficPolicy:
-    portLevelSettings:
-    - port:
-        number: 80
-      tls:
-        mode: SIMPLE
-"#;
+    pub const S000_DESTINATION_RULE: &str = seed!("istio-egress/000-step4-destinationrule.yaml");
 
     /// 001 step 3: aliyun.com, HTTP only (applied in the sleep pod's namespace).
-    pub const S001_SERVICE_ENTRY: &str = r#"apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: external-svc-http
-spec:
-  hosts:
-  - aliyun.com
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: DNS
-"#;
+    pub const S001_SERVICE_ENTRY: &str = seed!("001-step3-serviceentry.yaml");
 
     /// 001 step 4c: the VirtualService sending mesh traffic to an egress gateway.
-    pub const S001_VIRTUAL_SERVICE: &str = r#"apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: egressgateway-vs
-spec:
-  hosts:
-  - aliyun.com
-  gateways:
-  - egress-gw        # Name of the Istio Gateway created in step 4b
-  - mesh
-  http:
-  - match:
-    - gateways:
-      - mesh          # Match traffic from sidecars
-      port: 80
-    route:
-    - destination:
-        host: istio-egressgateway.istio-system.svc.cluster.local
-        port:
-          number: 80
-      weight: 100
-  - match:
-    - gateways:
-      - egress-gw     # Match traffic arriving at the egress gateway
-      port: 80
-    route:
-    - destination:
-        host: aliyun.com
-        port:
-          number: 80
-      weight: 100
-"#;
+    pub const S001_VIRTUAL_SERVICE: &str = seed!("001-step4c-virtualservice.yaml");
 
     /// 002 step 1: www.aliyun.com, HTTP and HTTPS.
-    pub const S002_SERVICE_ENTRY: &str = r#"apiVersion: networking.istio.io/v1alpha3
-kind: ServiceEntry
-metadata:
-  name: aliyun-com-ext
-spec:
-  hosts:
-  - 'www.aliyun.com'
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  - number: 443
-    name: https
-    protocol: HTTPS
-  resolution: DNS
-  location: MESH_EXTERNAL
-"#;
+    pub const S002_SERVICE_ENTRY: &str = seed!("002-step1-serviceentry.yaml");
 
     /// 002 step 2: a 5 s delay on every request to www.aliyun.com.
-    pub const S002_VIRTUAL_SERVICE_DELAY: &str = r#"apiVersion: networking.istio.io/v1alpha3
-kind: VirtualService
-metadata:
-  name: aliyun-com-ext
-spec:
-  hosts:
-    - 'www.aliyun.com'
-  http:
-  - fault:
-      delay:
-        percent: 100
-        fixedDelay: 5s
-    route:
-      - destination:
-          host: www.aliyun.com
-        weight: 100
-"#;
+    pub const S002_VIRTUAL_SERVICE_DELAY: &str = seed!("002-step2-virtualservice-fault.yaml");
 
     /// 003 example 1: mytest/sleep-a to httpbin over HTTP through egressgateway-a.
-    pub const S003_HTTP: &str = r#"apiVersion: istio.alibabacloud.com/v1beta1
-kind: ASMEgressTrafficPolicy
-metadata:
-  name: egress-by-egressgateway-a
-  namespace: istio-egress
-spec:
-  byEgressGateway:
-    name: egressgateway-a
-  egressRules:
-  - from:
-    - namespace: mytest
-      workloadSelector:
-        app: sleep-a
-    to:
-    - name: httpbin-service-http
-      hosts:
-      - www.httpbin.org   # Multiple domains must resolve to the same IP address.
-      - httpbin.org
-      port:
-        name: http
-        number: 80
-        protocol: HTTP
-      byEgressGateway:
-        port: 80           # Sidecar :80 --> Gateway :80 --> httpbin.org :80
-"#;
+    pub const S003_HTTP: &str = seed!("003-example1-http.yaml");
 
     /// 003 example 2: HTTPS upgrade, HTTPS passthrough, and a rule for sleep-b.
-    pub const S003_HTTPS_UPGRADE: &str = r#"apiVersion: istio.alibabacloud.com/v1beta1
-kind: ASMEgressTrafficPolicy
-metadata:
-  name: egress-by-egressgateway-a
-  namespace: istio-egress
-spec:
-  byEgressGateway:
-    name: egressgateway-a
-  egressRules:
-  - from:
-     - namespace: mytest
-       workloadSelector:
-          app: sleep-a
-    to:
-    - name: httpbin-service-http
-      hosts:
-      - www.httpbin.org   # Multiple domains must resolve to the same IP address.
-      - httpbin.org
-      port:
-        name: http
-        number: 80
-        protocol: HTTP
-      byEgressGateway:
-        port: 80           # Sidecar :80 --> Gateway :80 --> httpbin.org :80
-      httpsUpgrade:
-        enabled: true      # Set to false to disable the upgrade. The port below is ignored when disabled.
-        port: 443          # Sidecar :80 --> Gateway :443 --> httpbin.org :443
-    - name: httpbin-service-https
-      hosts:
-      - www.httpbin.org
-      - httpbin.org
-      port:
-        name: https
-        number: 443
-        protocol: HTTPS
-      byEgressGateway:
-        port: 444
-  - from:
-     - namespace: mytest
-       workloadSelector:
-          app: sleep-b
-    to:
-    - name: aliyun-service-https
-      hosts:
-      - www.aliyun.com
-      port:
-        name: https
-        number: 443
-        protocol: HTTPS
-      byEgressGateway:
-        port: 445
-"#;
+    pub const S003_HTTPS_UPGRADE: &str = seed!("003-example2-https-upgrade.yaml");
 
     /// 003 example 3: HTTP, HTTPS, upgrade and TCP (by IP and by name), ports auto-assigned.
-    pub const S003_AUTO_PORTS: &str = r#"apiVersion: istio.alibabacloud.com/v1beta1
-kind: ASMEgressTrafficPolicy
-metadata:
-  name: egress-by-egressgateway-a
-  namespace: istio-egress
-spec:
-  byEgressGateway:
-    name: egressgateway-a
-  egressRules:
-  - from:
-    - namespace: default
-      workloadSelector:
-        app: sleep
-    to:
-    - name: aliyun-com-http       # HTTP route
-      hosts:
-      - aliyun.com
-      port:
-        name: http
-        number: 80
-        protocol: HTTP
-    - name: aliyun-https          # HTTPS route
-      hosts:
-      - aliyun.com
-      port:
-        name: https
-        number: 443
-        protocol: HTTPS
-    - name: https-upgrade         # HTTP upgraded to HTTPS
-      hosts:
-      - taobao.com
-      port:
-        name: http
-        protocol: HTTP
-        number: 80
-      httpsUpgrade:
-        enabled: true
-        port: 443
-    - name: tcp-svc1              # TCP service (by IP)
-      hosts:
-      - 1.1.1.1
-      port:
-        name: tcp
-        protocol: TCP
-        number: 44
-    - name: tcp-svc2              # TCP service (by domain)
-      hosts:
-      - test-tcp.com
-      port:
-        name: tcp
-        protocol: TCP
-        number: 444
-"#;
+    pub const S003_AUTO_PORTS: &str = seed!("003-example3-http-tcp-auto-ports.yaml");
 
     /// 004 step 1: a waypoint in `default` that only serves its own namespace.
-    pub const S004_WAYPOINT: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: waypoint
-  namespace: default
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - allowedRoutes:
-      namespaces:
-        from: Same
-    name: mesh
-    port: 15008
-    protocol: HBONE
-"#;
+    pub const S004_WAYPOINT: &str = seed!("004-step1-waypoint.yaml");
 }
 
 // ---------------------------------------------------------------------------------------------
