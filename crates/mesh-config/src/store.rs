@@ -146,6 +146,15 @@ impl ConfigStore {
         generation
     }
 
+    /// Records a rejected configuration change from another source (e.g. the Kubernetes API):
+    /// the current snapshot stays in use and [`ConfigStore::last_error`] reports `errs` until
+    /// the next successful [`ConfigStore::replace`].
+    pub fn record_error(&self, errs: LoadErrors) -> Arc<LoadErrors> {
+        let errs = Arc::new(errs);
+        self.status().last_error = Some(errs.clone());
+        errs
+    }
+
     /// Re-reads the directory now. On success swaps and returns the new generation; on failure
     /// logs every error, records it, and keeps serving the previous snapshot.
     pub fn reload(&self) -> Result<u64, Arc<LoadErrors>> {

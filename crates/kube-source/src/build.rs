@@ -1,0 +1,258 @@
+//! Cached objects → mesh-config sources. Pure except for the netns scan handed in.
+//!
+//! Each object becomes one JSON "file" (JSON is YAML) named `<namespace>/<plural>/<name>` (or
+//! `<plural>/<name>` for cluster-scoped kinds), so mesh-config's errors read
+//! `istio-egress/virtualservices/foo:document 1: VirtualService istio-egress/foo: spec…: …`.
+use crate::kinds::{KINDS, KindSpec, POD};
+use crate::netns::{NetnsDiscovery, normalise_uid_any};
+use kube::api::DynamicObject;
+use mesh_config::snapshot::NETNS_ANNOTATION;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{debug, warn};
+
+/// Annotation `kubectl apply` leaves on objects: a full copy of the object, never read here.
+pub(crate) const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what is never read, to keep the cache (and every rebuild) small.
+pub(crate) fn strip(obj: &mut DynamicObject) {
+    obj.metadata.managed_fields = None;
+    if let Some(a) = obj.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// The objects of every kind, index-aligned with [`KINDS`].
+pub(crate) type Objects = Vec<Vec<Arc<DynamicObject>>>;
+
+/// Result of [`sources`]: the loader input, in a stable order.
+#[derive(Debug, Default)]
+pub(crate) struct Sources {
+    pub files: Vec<(String, String)>,
+    /// Running pods on this node whose netns was not found.
+    pub pods_without_netns: usize,
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
+}
+
+/// Whether ztunnel on `node` serves this pod: scheduled here, running, own network namespace.
+fn captured_on(pod: &DynamicObject, node: &str) -> bool {
+    str_at(&pod.data, &["spec", "nodeName"]) == Some(node)
+        && str_at(&pod.data, &["status", "phase"]) == Some("Running")
+        && pod
+            .data
+            .get("spec")
+            .and_then(|s| s.get("hostNetwork"))
+            .and_then(Value::as_bool)
+            != Some(true)
+}
+
+/// Turns the cached objects into loader sources. With `netns` (ztunnel: node name and
+/// discovery), pods on that node get the [`NETNS_ANNOTATION`] of their network namespace.
+/// Whatever the cluster says in that annotation is dropped: it names a namespace ztunnel
+/// enters as root, so only our own discovery may set it.
+pub(crate) fn sources(objects: &Objects, netns: Option<(&str, &mut NetnsDiscovery)>) -> Sources {
+    let mut found: HashMap<String, PathBuf> = HashMap::new();
+    let mut wanted = 0usize;
+    let node = netns.as_ref().map(|(n, _)| *n);
+    if let (Some((node, discovery)), Some(pods)) = (netns, objects.get(POD)) {
+        let uids: Vec<&str> = pods
+            .iter()
+            .filter(|p| captured_on(p, node))
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        wanted = uids.len();
+        found = discovery.resolve(uids);
+    }
+    let mut out = Sources::default();
+    for (spec, objs) in KINDS.iter().zip(objects) {
+        let mut sorted: Vec<&Arc<DynamicObject>> = objs.iter().collect();
+        // Stable input order: the loader reports duplicates and merges VirtualServices in
+        // load order, and a stable text lets unchanged input skip the rebuild.
+        sorted.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        for obj in sorted {
+            let netns = match node {
+                Some(node) if std::ptr::eq(spec, &KINDS[POD]) && captured_on(obj, node) => {
+                    let path = obj
+                        .metadata
+                        .uid
+                        .as_deref()
+                        .and_then(normalise_uid_any)
+                        .and_then(|u| found.get(&u));
+                    if path.is_none() {
+                        out.pods_without_netns += 1;
+                        debug!(pod = %obj_name(obj), "network namespace not found yet; will rescan");
+                    }
+                    path
+                }
+                _ => None,
+            };
+            match to_json(spec, obj, netns) {
+                Ok(text) => out.files.push((file_name(spec, obj), text)),
+                // Cannot happen for data that came from JSON; never drop silently though.
+                Err(error) => {
+                    warn!(kind = spec.kind, object = %obj_name(obj), %error, "cannot serialize object")
+                }
+            }
+        }
+    }
+    debug_assert!(out.pods_without_netns <= wanted);
+    out
+}
+
+fn obj_name(obj: &DynamicObject) -> String {
+    match (&obj.metadata.namespace, &obj.metadata.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n.clone(),
+        _ => "<unnamed>".into(),
+    }
+}
+
+fn file_name(spec: &KindSpec, obj: &DynamicObject) -> String {
+    let name = obj.metadata.name.as_deref().unwrap_or("");
+    match obj.metadata.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{}/{name}", spec.plural),
+        _ => format!("{}/{name}", spec.plural),
+    }
+}
+
+/// The object as the loader reads it. List items carry no apiVersion/kind, so they are set
+/// from the watched resource.
+fn to_json(
+    spec: &KindSpec,
+    obj: &DynamicObject,
+    netns: Option<&PathBuf>,
+) -> Result<String, serde_json::Error> {
+    let mut v = serde_json::to_value(obj)?;
+    if let Some(map) = v.as_object_mut() {
+        map.insert("apiVersion".into(), Value::String(spec.api_version()));
+        map.insert("kind".into(), Value::String(spec.kind.into()));
+        if std::ptr::eq(spec, &KINDS[POD]) {
+            set_netns(map, netns);
+        }
+    }
+    serde_json::to_string(&v)
+}
+
+fn set_netns(obj: &mut serde_json::Map<String, Value>, netns: Option<&PathBuf>) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if let Some(ann) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+        ann.remove(NETNS_ANNOTATION);
+    }
+    if let Some(path) = netns {
+        let ann = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(ann) = ann.as_object_mut() {
+            ann.insert(
+                NETNS_ANNOTATION.into(),
+                Value::String(path.display().to_string()),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Arc<DynamicObject> {
+        Arc::new(serde_json::from_value(v).expect("object"))
+    }
+
+    fn objects(pods: Vec<Arc<DynamicObject>>) -> Objects {
+        let mut o: Objects = vec![Vec::new(); KINDS.len()];
+        o[POD] = pods;
+        o
+    }
+
+    #[test]
+    fn netns_annotation_comes_only_from_discovery() {
+        let uid = "0c6f1a4e-2b1d-4a4e-9b77-1d2e3f405060";
+        let proc = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(proc.path().join("77/ns")).expect("mkdir");
+        std::fs::write(proc.path().join("77/ns/net"), "").expect("write");
+        std::fs::write(
+            proc.path().join("77/cgroup"),
+            format!("0::/kubepods/pod{uid}/c\n"),
+        )
+        .expect("write");
+        let pod = |name: &str, uid: &str, node: &str, host_net: bool, phase: &str| {
+            obj(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default", "uid": uid,
+                             "annotations": {NETNS_ANNOTATION: "/proc/1/ns/net"}},
+                "spec": {"nodeName": node, "hostNetwork": host_net, "containers": []},
+                "status": {"phase": phase},
+            }))
+        };
+        let o = objects(vec![
+            pod("a", uid, "n1", false, "Running"),
+            pod(
+                "b",
+                "7a8b9c0d-1e2f-4a5b-8c6d-7e8f90a1b2c3",
+                "n1",
+                false,
+                "Running",
+            ),
+            pod("c", uid, "n1", true, "Running"),
+            pod("d", uid, "n2", false, "Running"),
+            pod("e", uid, "n1", false, "Pending"),
+        ]);
+        let mut d = NetnsDiscovery::new(proc.path().to_path_buf());
+        let s = sources(&o, Some(("n1", &mut d)));
+        let ann: Vec<(String, Option<String>)> = s
+            .files
+            .iter()
+            .map(|(name, text)| {
+                let v: Value = serde_json::from_str(text).expect("json");
+                assert_eq!(v["kind"], "Pod");
+                assert_eq!(v["apiVersion"], "v1");
+                (
+                    name.clone(),
+                    v["metadata"]["annotations"][NETNS_ANNOTATION]
+                        .as_str()
+                        .map(str::to_owned),
+                )
+            })
+            .collect();
+        let want_a = proc.path().join("77/ns/net").display().to_string();
+        assert_eq!(
+            ann,
+            [
+                ("default/pods/a".to_owned(), Some(want_a)),
+                ("default/pods/b".to_owned(), None),
+                ("default/pods/c".to_owned(), None),
+                ("default/pods/d".to_owned(), None),
+                ("default/pods/e".to_owned(), None),
+            ]
+        );
+        assert_eq!(s.pods_without_netns, 1);
+
+        // Waypoint (no node): nothing is annotated, the cluster's value is still dropped.
+        let s = sources(&o, None);
+        assert!(s.files.iter().all(|(_, t)| !t.contains(NETNS_ANNOTATION)));
+        assert_eq!(s.pods_without_netns, 0);
+    }
+
+    #[test]
+    fn strip_drops_unread_metadata() {
+        let mut o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x", "managedFields": [{"manager": "kubectl"}],
+                         "annotations": {LAST_APPLIED: "{}", "keep": "1"}},
+        }))
+        .expect("object");
+        strip(&mut o);
+        assert!(o.metadata.managed_fields.is_none());
+        let ann = o.metadata.annotations.expect("annotations");
+        assert_eq!(ann.keys().collect::<Vec<_>>(), ["keep"]);
+    }
+}

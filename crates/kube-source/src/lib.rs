@@ -1,0 +1,547 @@
+//! The Kubernetes API as the mesh configuration source.
+//!
+//! One watcher + reflector per kind mesh-config compiles (see [`kinds::KINDS`]). On any change
+//! the source waits for a quiet period (debounce), turns every cached object into JSON and
+//! compiles the lot with [`mesh_config::load_sources`] — the same loader, validation and error
+//! messages as directory mode. A valid result is published with [`ConfigStore::replace`]; an
+//! invalid one is recorded ([`ConfigStore::record_error`]) and the last good snapshot stays.
+//!
+//! No snapshot is published before every kind has been listed once (a kind whose CRD is not
+//! installed counts as listed and empty), so readers never see a half-loaded mesh.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), kube_source::KubeSourceError> {
+//! let opts = kube_source::KubeSourceOptions::default();
+//! let (store, handle) = kube_source::KubeSource::start_default(opts).await?;
+//! // ... serve from `store`; keep `handle` alive (dropping it stops watching).
+//! # drop((store, handle)); Ok(()) }
+//! ```
+pub mod kinds;
+pub mod metrics;
+pub mod netns;
+
+mod build;
+
+pub use metrics::KubeSourceMetrics;
+
+use futures::StreamExt;
+use kinds::{KINDS, KindSpec, Scope};
+use kube::api::{Api, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use mesh_config::{ConfigStore, LoadErrors};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+/// While pods on this node wait for their network namespace, rescan this often even without
+/// API changes (the sandbox process may start after the pod's last status update).
+const NETNS_RESCAN: Duration = Duration::from_secs(2);
+
+/// Where a binary takes its mesh configuration from (`--config-source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A directory of YAML (or the embedded default), watched for changes.
+    #[default]
+    Dir,
+    /// The Kubernetes API server (in-cluster config or `KUBECONFIG`).
+    Kube,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown config source {0:?} (use dir or kube)")]
+pub struct UnknownConfigSource(String);
+
+impl FromStr for ConfigSource {
+    type Err = UnknownConfigSource;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dir" => Ok(ConfigSource::Dir),
+            "kube" => Ok(ConfigSource::Kube),
+            other => Err(UnknownConfigSource(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigSource::Dir => "dir",
+            ConfigSource::Kube => "kube",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("cannot create a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "initial sync from the Kubernetes API did not finish within {timeout:?}; not listed yet: {pending}"
+    )]
+    InitialSyncTimeout { timeout: Duration, pending: String },
+    #[error("the mesh configuration in the cluster is invalid: {0}")]
+    Invalid(Arc<LoadErrors>),
+    #[error("cannot create metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Settings of [`KubeSource`].
+#[derive(Debug, Clone)]
+pub struct KubeSourceOptions {
+    /// ztunnel: the node it serves. Pods on this node get their network namespace discovered
+    /// under `proc_root`. `None` (waypoint): no discovery.
+    pub node: Option<String>,
+    /// The host's `/proc` (needs `hostPID`, see [`netns`]).
+    pub proc_root: PathBuf,
+    /// Quiet period after a change before rebuilding.
+    pub debounce: Duration,
+    /// How long [`KubeSource::start`] waits for the first valid snapshot.
+    pub initial_sync_timeout: Duration,
+}
+
+impl Default for KubeSourceOptions {
+    fn default() -> Self {
+        KubeSourceOptions {
+            node: None,
+            proc_root: PathBuf::from("/proc"),
+            debounce: mesh_config::store::DEBOUNCE,
+            initial_sync_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Sync state of one kind.
+#[derive(Default)]
+struct KindState {
+    listed: AtomicBool,
+    missing: AtomicBool,
+}
+
+struct Shared {
+    kinds: Vec<KindState>,
+    changed: Notify,
+    store: watch::Sender<Option<ConfigStore>>,
+    /// Errors of the last rejected rebuild before the first snapshot (for the timeout error).
+    initial_errors: Mutex<Option<Arc<LoadErrors>>>,
+    metrics: KubeSourceMetrics,
+}
+
+impl Shared {
+    fn all_listed(&self) -> bool {
+        self.kinds.iter().all(|k| k.listed.load(Ordering::Acquire))
+    }
+
+    fn pending(&self) -> Vec<&'static str> {
+        KINDS
+            .iter()
+            .zip(&self.kinds)
+            .filter(|(_, k)| !k.listed.load(Ordering::Acquire))
+            .map(|(s, _)| s.kind)
+            .collect()
+    }
+}
+
+/// Entry points; see the crate docs.
+pub struct KubeSource;
+
+impl KubeSource {
+    /// [`KubeSource::start`] with `kube::Client::try_default()` (in-cluster service account,
+    /// else `KUBECONFIG` / `~/.kube/config`).
+    pub async fn start_default(
+        opts: KubeSourceOptions,
+    ) -> Result<(ConfigStore, KubeSourceHandle), KubeSourceError> {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(KubeSourceError::Client)?;
+        Self::start(client, opts).await
+    }
+
+    /// Starts watching and waits (up to `opts.initial_sync_timeout`) for the first valid
+    /// snapshot, which becomes generation 1 of the returned store.
+    pub async fn start(
+        client: kube::Client,
+        opts: KubeSourceOptions,
+    ) -> Result<(ConfigStore, KubeSourceHandle), KubeSourceError> {
+        let timeout = opts.initial_sync_timeout;
+        let handle = Self::spawn(client, opts)?;
+        let store = handle.wait_ready(timeout).await?;
+        Ok((store, handle))
+    }
+
+    /// Starts watching without waiting; [`KubeSourceHandle::wait_ready`] /
+    /// [`KubeSourceHandle::store`] give the store once the first snapshot is built.
+    pub fn spawn(
+        client: kube::Client,
+        opts: KubeSourceOptions,
+    ) -> Result<KubeSourceHandle, KubeSourceError> {
+        let metrics = KubeSourceMetrics::new()?;
+        let (store_tx, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            kinds: KINDS.iter().map(|_| KindState::default()).collect(),
+            changed: Notify::new(),
+            store: store_tx,
+            initial_errors: Mutex::new(None),
+            metrics: metrics.clone(),
+        });
+        let mut tasks = Vec::with_capacity(KINDS.len() + 1);
+        let mut stores = Vec::with_capacity(KINDS.len());
+        for (i, spec) in KINDS.iter().enumerate() {
+            let ar = spec.api_resource();
+            let (api, config) = match spec.scope {
+                Scope::Cluster | Scope::AllNamespaces => (
+                    Api::<DynamicObject>::all_with(client.clone(), &ar),
+                    watcher::Config::default(),
+                ),
+                Scope::Single { namespace, name } => (
+                    Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar),
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                ),
+            };
+            let writer = reflector::store::Writer::new(ar);
+            stores.push(writer.as_reader());
+            tasks.push(tokio::spawn(watch_kind(
+                i,
+                api,
+                config,
+                writer,
+                shared.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(build_loop(shared.clone(), stores, opts)));
+        Ok(KubeSourceHandle { shared, tasks })
+    }
+}
+
+/// Keeps the watchers running; dropping it stops them (the store keeps its last snapshot).
+pub struct KubeSourceHandle {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for KubeSourceHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeSourceHandle")
+            .field("ready", &self.is_ready())
+            .field("pending", &self.shared.pending())
+            .finish()
+    }
+}
+
+impl KubeSourceHandle {
+    /// True once every kind was listed and a first valid snapshot was published.
+    pub fn is_ready(&self) -> bool {
+        self.shared.store.borrow().is_some()
+    }
+
+    /// The store, once ready.
+    pub fn store(&self) -> Option<ConfigStore> {
+        self.shared.store.borrow().clone()
+    }
+
+    /// Waits for the first snapshot.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<ConfigStore, KubeSourceError> {
+        let mut rx = self.shared.store.subscribe();
+        let ready = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        if let Ok(Ok(store)) = ready
+            && let Some(store) = store.clone()
+        {
+            return Ok(store);
+        }
+        let pending = self.shared.pending();
+        if pending.is_empty() {
+            let errors = self
+                .shared
+                .initial_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(errors) = errors {
+                return Err(KubeSourceError::Invalid(errors));
+            }
+        }
+        Err(KubeSourceError::InitialSyncTimeout {
+            timeout,
+            pending: pending.join(", "),
+        })
+    }
+
+    /// Kinds the API server does not serve right now (CRD not installed); treated as empty.
+    pub fn missing_kinds(&self) -> Vec<&'static str> {
+        KINDS
+            .iter()
+            .zip(&self.shared.kinds)
+            .filter(|(_, k)| k.missing.load(Ordering::Acquire))
+            .map(|(s, _)| s.kind)
+            .collect()
+    }
+
+    pub fn metrics(&self) -> &KubeSourceMetrics {
+        &self.shared.metrics
+    }
+}
+
+impl Drop for KubeSourceHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        // A missing CRD answers with a plain-text 404 ("404 page not found"), which kube turns
+        // into a Status without the NotFound reason: check the code as well.
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404 || s.is_not_found(),
+        _ => false,
+    }
+}
+
+/// Runs the watcher of `KINDS[index]` into its reflector store, forever; errors are retried
+/// by the watcher with exponential backoff (0.8 s … 30 s) while the store keeps its objects.
+async fn watch_kind(
+    index: usize,
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<DynamicObject>,
+    shared: Arc<Shared>,
+) {
+    let spec: &'static KindSpec = &KINDS[index];
+    let state = &shared.kinds[index];
+    let m = &shared.metrics;
+    let kind = spec.kind;
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(build::strip)
+        .reflect(writer);
+    let mut stream = std::pin::pin!(stream);
+    let mut lists = 0u64;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => {
+                m.events.with_label_values(&[kind, "init"]).inc();
+                if lists > 0 {
+                    m.restarts.with_label_values(&[kind]).inc();
+                    info!(
+                        kind,
+                        "relisting (watch restarted); serving the last good snapshot meanwhile"
+                    );
+                }
+            }
+            Ok(watcher::Event::InitApply(_)) => {
+                m.events.with_label_values(&[kind, "init_apply"]).inc();
+            }
+            Ok(watcher::Event::InitDone) => {
+                m.events.with_label_values(&[kind, "init_done"]).inc();
+                lists += 1;
+                if state.missing.swap(false, Ordering::AcqRel) {
+                    m.missing.with_label_values(&[kind]).set(0);
+                    info!(kind, resource = %spec.resource_name(), "resource is served now");
+                }
+                state.listed.store(true, Ordering::Release);
+                debug!(kind, "listed");
+                shared.changed.notify_one();
+            }
+            Ok(watcher::Event::Apply(_)) => {
+                m.events.with_label_values(&[kind, "apply"]).inc();
+                shared.changed.notify_one();
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                m.events.with_label_values(&[kind, "delete"]).inc();
+                shared.changed.notify_one();
+            }
+            Err(e) if is_not_found(&e) => {
+                m.errors.with_label_values(&[kind]).inc();
+                // Logged once per disappearance; the watcher keeps retrying with backoff, so
+                // installing the CRD later is picked up.
+                if !state.missing.swap(true, Ordering::AcqRel) {
+                    m.missing.with_label_values(&[kind]).set(1);
+                    warn!(kind, resource = %spec.resource_name(), api_version = %spec.api_version(),
+                        "resource not served by the API server (CRD not installed?); treating it as empty and retrying");
+                }
+                if !state.listed.swap(true, Ordering::AcqRel) {
+                    shared.changed.notify_one();
+                }
+            }
+            Err(e) => {
+                m.errors.with_label_values(&[kind]).inc();
+                warn!(kind, error = %e, "list/watch failed; retrying with backoff, keeping the last good snapshot");
+            }
+        }
+    }
+}
+
+/// Rebuilds the snapshot after changes (debounced) once every kind is listed.
+async fn build_loop(
+    shared: Arc<Shared>,
+    stores: Vec<Store<DynamicObject>>,
+    opts: KubeSourceOptions,
+) {
+    let mut discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
+    let mut last_input: Option<u64> = None;
+    let mut rescan = false;
+    let mut store: Option<ConfigStore> = None;
+    let m = shared.metrics.clone();
+    loop {
+        if rescan {
+            tokio::select! {
+                _ = shared.changed.notified() => {}
+                _ = tokio::time::sleep(NETNS_RESCAN) => {}
+            }
+        } else {
+            shared.changed.notified().await;
+        }
+        // Debounce: a relist or a burst of applies arrives as many events.
+        loop {
+            tokio::select! {
+                _ = shared.changed.notified() => continue,
+                _ = tokio::time::sleep(opts.debounce) => break,
+            }
+        }
+        if !shared.all_listed() {
+            debug!(pending = ?shared.pending(), "waiting for the initial list of every kind");
+            continue;
+        }
+        let objects: build::Objects = stores.iter().map(Store::state).collect();
+        for (spec, objs) in KINDS.iter().zip(&objects) {
+            m.objects
+                .with_label_values(&[spec.kind])
+                .set(i64::try_from(objs.len()).unwrap_or(i64::MAX));
+        }
+        let node = opts.node.clone();
+        let Some(mut disc) = discovery.take() else {
+            // Only lost if a previous build panicked; start afresh.
+            discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
+            continue;
+        };
+        let prev = last_input;
+        // Serializing, scanning /proc and compiling are CPU/file work: off the async workers.
+        let built = tokio::task::spawn_blocking(move || {
+            let sources = build::sources(&objects, node.as_deref().map(|n| (n, &mut disc)));
+            let hash = input_hash(&sources.files);
+            let result = (prev != Some(hash)).then(|| {
+                mesh_config::load_sources(
+                    sources.files.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+                )
+            });
+            (disc, hash, sources.pods_without_netns, result)
+        })
+        .await;
+        let (disc, hash, pending_netns, result) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, "snapshot build failed; keeping the last good snapshot");
+                discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
+                continue;
+            }
+        };
+        discovery = Some(disc);
+        rescan = pending_netns > 0;
+        m.pods_without_netns
+            .set(i64::try_from(pending_netns).unwrap_or(i64::MAX));
+        last_input = Some(hash);
+        let Some(result) = result else {
+            debug!("configuration unchanged");
+            continue;
+        };
+        match result {
+            Ok(snap) => {
+                m.reloads.with_label_values(&["ok"]).inc();
+                let (services, workloads) = (snap.services().len(), snap.workloads().len());
+                let generation = match &store {
+                    Some(s) => s.replace(snap),
+                    None => {
+                        let s = ConfigStore::from_snapshot(snap);
+                        let g = s.generation();
+                        store = Some(s.clone());
+                        shared.store.send_replace(Some(s));
+                        g
+                    }
+                };
+                m.generation
+                    .set(i64::try_from(generation).unwrap_or(i64::MAX));
+                info!(
+                    generation,
+                    services,
+                    workloads,
+                    pods_without_netns = pending_netns,
+                    "mesh configuration loaded from the Kubernetes API"
+                );
+            }
+            Err(errs) => {
+                for e in errs.iter() {
+                    error!(error = %e, "invalid mesh configuration");
+                }
+                let count = errs.len();
+                match &store {
+                    Some(s) => {
+                        s.record_error(errs);
+                        error!(
+                            count,
+                            generation = s.generation(),
+                            "configuration change rejected; keeping the last good snapshot"
+                        );
+                    }
+                    None => {
+                        *shared
+                            .initial_errors
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(errs));
+                        error!(
+                            count,
+                            "initial configuration from the Kubernetes API is invalid; not ready"
+                        );
+                    }
+                }
+                // Counted after the errors are recorded, so whoever sees the count sees them.
+                m.reloads.with_label_values(&["rejected"]).inc();
+            }
+        }
+    }
+}
+
+/// Identifies a loader input, so a resync that changed nothing does not bump the generation.
+fn input_hash(files: &[(String, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    files.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_source_flag_values() {
+        assert_eq!("dir".parse::<ConfigSource>().ok(), Some(ConfigSource::Dir));
+        assert_eq!(
+            "kube".parse::<ConfigSource>().ok(),
+            Some(ConfigSource::Kube)
+        );
+        assert!("k8s".parse::<ConfigSource>().is_err());
+        assert_eq!(ConfigSource::default(), ConfigSource::Dir);
+        assert_eq!(ConfigSource::Kube.to_string(), "kube");
+    }
+
+    #[test]
+    fn missing_crd_is_recognised() {
+        // What kube makes of the API server's plain-text "404 page not found".
+        let status =
+            kube::core::Status::failure("404 page not found", "Failed to parse error data")
+                .with_code(404);
+        let e = watcher::Error::InitialListFailed(kube::Error::Api(status.boxed()));
+        assert!(is_not_found(&e));
+        let forbidden = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let e = watcher::Error::InitialListFailed(kube::Error::Api(forbidden.boxed()));
+        assert!(!is_not_found(&e));
+    }
+}

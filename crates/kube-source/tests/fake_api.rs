@@ -1,0 +1,484 @@
+//! The source against a scripted API server: `tower_test::mock::pair` behind
+//! `kube::Client::new`, answering list and watch requests with recorded-style JSON bodies.
+//! Covers the initial sync (one CRD not installed: 404), the seeds' ServiceEntry +
+//! VirtualService, an invalid update (rejected, last good kept), a deletion, a watch that
+//! ends in `410 Gone` followed by a relist, and netns discovery from a fake /proc.
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use kube_source::{KubeSource, KubeSourceOptions};
+use mesh_config::{ConfigStore, OutboundTrafficPolicy};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+const SERVICES: &str = "/api/v1/services";
+const PODS: &str = "/api/v1/pods";
+const CONFIGMAPS: &str = "/api/v1/namespaces/istio-system/configmaps";
+const SERVICE_ENTRIES: &str = "/apis/networking.istio.io/v1/serviceentries";
+const DESTINATION_RULES: &str = "/apis/networking.istio.io/v1/destinationrules";
+const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1/virtualservices";
+const AUTHZ: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
+const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+
+const POD_UID: &str = "0c6f1a4e-2b1d-4a4e-9b77-1d2e3f405060";
+
+enum ListReply {
+    Items { items: Vec<Value>, rv: String },
+}
+
+#[derive(Default)]
+struct State {
+    lists: HashMap<&'static str, ListReply>,
+    /// Bodies (newline-separated watch events) for the next watch requests, per path.
+    watches: HashMap<String, VecDeque<String>>,
+    requests: Vec<String>,
+}
+
+/// A scripted API server. Paths without a list reply answer like a missing CRD does: 404
+/// with a plain-text body.
+#[derive(Clone, Default)]
+struct FakeApi(Arc<Mutex<State>>);
+
+impl FakeApi {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().expect("fake api lock")
+    }
+
+    fn set_list(&self, path: &'static str, items: Vec<Value>, rv: &str) {
+        self.state().lists.insert(
+            path,
+            ListReply::Items {
+                items,
+                rv: rv.into(),
+            },
+        );
+    }
+
+    /// Queues one watch response for `path`: these events, then the stream ends (the watcher
+    /// resumes from the last resourceVersion).
+    fn push_watch(&self, path: &str, events: &[Value]) {
+        let body = events
+            .iter()
+            .map(|e| e.to_string() + "\n")
+            .collect::<String>();
+        self.state()
+            .watches
+            .entry(path.to_owned())
+            .or_default()
+            .push_back(body);
+    }
+
+    fn requests(&self, path: &str) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.split('?').next() == Some(path))
+            .count()
+    }
+
+    fn client(&self) -> kube::Client {
+        let (svc, mut handle) =
+            tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let api = api.clone();
+                let uri = req.uri().clone();
+                tokio::spawn(async move {
+                    let resp = api.answer(uri).await;
+                    send.send_response(resp);
+                });
+            }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    async fn answer(&self, uri: http::Uri) -> Response<Full<Bytes>> {
+        let path = uri.path().to_owned();
+        let query = uri.query().unwrap_or("").to_owned();
+        self.state().requests.push(format!("{path}?{query}"));
+        if query.split('&').any(|p| p == "watch=true") {
+            // Held open until the test queues events, like a quiet watch.
+            loop {
+                if let Some(body) = self
+                    .state()
+                    .watches
+                    .get_mut(&path)
+                    .and_then(VecDeque::pop_front)
+                {
+                    return reply(StatusCode::OK, body);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let state = self.state();
+        match state.lists.get(path.as_str()) {
+            Some(ListReply::Items { items, rv }) => reply(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": rv}, "items": items})
+                .to_string(),
+            ),
+            None => reply(StatusCode::NOT_FOUND, "404 page not found\n".into()),
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("response")
+}
+
+fn meta(ns: Option<&str>, name: &str, rv: &str) -> Value {
+    let mut m = json!({"name": name, "resourceVersion": rv, "uid": format!("uid-{name}"),
+                       "creationTimestamp": "2026-11-23T10:00:00Z",
+                       "managedFields": [{"manager": "kubectl", "operation": "Apply"}]});
+    if let Some(ns) = ns {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"metadata": meta(None, name, "1"), "spec": {"finalizers": ["kubernetes"]},
+           "status": {"phase": "Active"}})
+}
+
+fn service(name: &str, ip: &str, rv: &str) -> Value {
+    json!({
+        "metadata": meta(Some("default"), name, rv),
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "type": "ClusterIP",
+                 "ipFamilies": ["IPv4"], "sessionAffinity": "None",
+                 "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+        "status": {"loadBalancer": {}}
+    })
+}
+
+fn pod() -> Value {
+    let mut m = meta(Some("default"), "web-1", "7");
+    m["uid"] = json!(POD_UID);
+    m["labels"] = json!({"app": "web"});
+    json!({
+        "metadata": m,
+        "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                 "containers": [{"name": "web", "image": "nginx",
+                                 "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.5", "podIPs": [{"ip": "10.244.0.5"}],
+                   "hostIP": "192.0.2.10"}
+    })
+}
+
+/// Seed 002's ServiceEntry, as the API server returns it (served at v1).
+fn service_entry() -> Value {
+    json!({
+        "metadata": meta(Some("default"), "aliyun-com-ext", "20"),
+        "spec": {"hosts": ["www.aliyun.com"],
+                 "ports": [{"number": 80, "name": "http", "protocol": "HTTP"},
+                           {"number": 443, "name": "https", "protocol": "HTTPS"}],
+                 "resolution": "DNS", "location": "MESH_EXTERNAL"}
+    })
+}
+
+/// Seed 002's VirtualService (fault delay), with `extra` merged into its first HTTP route.
+fn virtual_service(rv: &str, fault: bool, extra: Option<(&str, Value)>) -> Value {
+    let mut route = json!({"route": [{"destination": {"host": "www.aliyun.com"}, "weight": 100}]});
+    if fault {
+        route["fault"] = json!({"delay": {"percent": 100, "fixedDelay": "5s"}});
+    }
+    if let Some((k, v)) = extra {
+        route[k] = v;
+    }
+    json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": meta(Some("default"), "aliyun-com-ext", rv),
+        "spec": {"hosts": ["www.aliyun.com"], "http": [route]}
+    })
+}
+
+fn typed(mut obj: Value, api_version: &str, kind: &str) -> Value {
+    obj["apiVersion"] = json!(api_version);
+    obj["kind"] = json!(kind);
+    obj
+}
+
+fn fake_proc(dir: &Path) {
+    // pid 1: the host; 4242: the pod's sandbox (systemd cgroup driver).
+    for (pid, cgroup) in [
+        ("1", "0::/init.scope\n".to_owned()),
+        (
+            "4242",
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-abc.scope\n",
+                POD_UID.replace('-', "_")
+            ),
+        ),
+    ] {
+        let p = dir.join(pid);
+        std::fs::create_dir_all(p.join("ns")).expect("mkdir");
+        std::fs::write(p.join("cgroup"), cgroup).expect("cgroup");
+        std::fs::write(p.join("ns/net"), "").expect("ns");
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn has_host(store: &ConfigStore, host: &str) -> bool {
+    store.current().service_by_host(host).is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_cluster() {
+    let api = FakeApi::default();
+    api.set_list(
+        NAMESPACES,
+        vec![namespace("default"), namespace("istio-system")],
+        "1",
+    );
+    api.set_list(SERVICES, vec![service("web", "10.96.0.10", "5")], "5");
+    api.set_list(PODS, vec![pod()], "7");
+    api.set_list(
+        CONFIGMAPS,
+        vec![json!({"metadata": meta(Some("istio-system"), "istio", "3"),
+                    "data": {"mesh": "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n"}})],
+        "3",
+    );
+    api.set_list(SERVICE_ENTRIES, vec![service_entry()], "20");
+    api.set_list(
+        VIRTUAL_SERVICES,
+        vec![virtual_service("21", true, None)],
+        "21",
+    );
+    for empty in [DESTINATION_RULES, AUTHZ, GATEWAYS, HTTP_ROUTES] {
+        api.set_list(empty, vec![], "1");
+    }
+    // ASMEgressTrafficPolicy: no list reply, so 404 (CRD not installed).
+
+    let proc = tempfile::tempdir().expect("tempdir");
+    fake_proc(proc.path());
+    let opts = KubeSourceOptions {
+        node: Some("node-a".into()),
+        proc_root: proc.path().to_path_buf(),
+        debounce: Duration::from_millis(50),
+        initial_sync_timeout: Duration::from_secs(20),
+    };
+    let (store, handle) = KubeSource::start(api.client(), opts)
+        .await
+        .expect("initial sync");
+    assert!(handle.is_ready());
+    assert_eq!(store.generation(), 1);
+    assert_eq!(handle.missing_kinds(), ["ASMEgressTrafficPolicy"]);
+    let m = handle.metrics();
+    // The metrics are updated right after the store publishes.
+    eventually("generation metric 1", || m.generation() == 1).await;
+    assert_eq!(m.reloads("ok"), 1);
+    assert!(m.watch_errors("ASMEgressTrafficPolicy") >= 1);
+    assert_eq!(m.watch_events("Service", "init_apply"), 1);
+
+    // The first snapshot has everything: the seed's ServiceEntry with its auto-allocated VIP
+    // and its routes, the Kubernetes Service, the mesh settings, the pod with its netns.
+    let snap = store.current();
+    let se = snap
+        .service_by_host("www.aliyun.com")
+        .expect("ServiceEntry host");
+    let vips: Vec<IpAddr> = snap.resolve_name("www.aliyun.com").expect("VIPs").to_vec();
+    assert!(
+        vips.iter()
+            .any(|ip| matches!(ip, IpAddr::V4(v4) if v4.octets()[..2] == [240, 240])),
+        "{vips:?}"
+    );
+    assert_eq!(se.port(80).map(|p| p.port), Some(80));
+    let routes = snap.routes_for_host("www.aliyun.com").expect("routes");
+    assert!(format!("{routes:?}").contains("5s"), "{routes:?}");
+    let web = snap
+        .service_by_host("web.default.svc.cluster.local")
+        .expect("Kubernetes Service");
+    assert!(format!("{web:?}").contains("10.96.0.10"));
+    assert_eq!(
+        snap.outbound_traffic_policy(),
+        OutboundTrafficPolicy::RegistryOnly
+    );
+    let on_node = snap.workloads_on_node("node-a");
+    assert_eq!(on_node.len(), 1);
+    assert_eq!(
+        on_node[0].netns.as_deref(),
+        Some(proc.path().join("4242/ns/net").as_path())
+    );
+
+    // An invalid VirtualService update: rejected, the previous snapshot stays, the error is
+    // mesh-config's own message naming the object and field.
+    api.push_watch(
+        VIRTUAL_SERVICES,
+        &[json!({"type": "MODIFIED",
+                 "object": virtual_service("30", true, Some(("bogus", json!(1))))})],
+    );
+    eventually("rejected reload", || m.reloads("rejected") == 1).await;
+    assert_eq!(store.generation(), 1);
+    assert!(Arc::ptr_eq(&snap, &store.current()));
+    let err = store.last_error().expect("recorded error").to_string();
+    assert!(
+        err.contains("default/virtualservices/aliyun-com-ext:document 1: VirtualService default/aliyun-com-ext: spec.http[0]")
+            && err.contains("bogus"),
+        "{err}"
+    );
+
+    // Fixed: published as generation 2 (fault gone), error cleared.
+    api.push_watch(
+        VIRTUAL_SERVICES,
+        &[json!({"type": "MODIFIED", "object": virtual_service("31", false, None)})],
+    );
+    eventually("generation 2", || store.generation() == 2).await;
+    assert!(store.last_error().is_none());
+    let routes = store.current().routes_for_host("www.aliyun.com").cloned();
+    assert!(!format!("{routes:?}").contains("5s"), "{routes:?}");
+    eventually("generation metric 2", || m.generation() == 2).await;
+
+    // Deletion removes the service.
+    api.push_watch(
+        SERVICES,
+        &[json!({"type": "DELETED",
+                 "object": typed(service("web", "10.96.0.10", "40"), "v1", "Service")})],
+    );
+    eventually("web deleted", || {
+        !has_host(&store, "web.default.svc.cluster.local")
+    })
+    .await;
+    assert_eq!(store.generation(), 3);
+    assert_eq!(m.watch_events("Service", "delete"), 1);
+
+    // The services watch expires (410 Gone): the source relists, picks up what changed
+    // meanwhile, and the restart is visible in the metrics.
+    let lists_before = api.requests(SERVICES);
+    api.set_list(SERVICES, vec![service("api", "10.96.0.20", "60")], "60");
+    api.push_watch(
+        SERVICES,
+        &[
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                 "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                 "message": "too old resource version: 40 (55)"}}),
+        ],
+    );
+    eventually("relisted service", || {
+        has_host(&store, "api.default.svc.cluster.local")
+    })
+    .await;
+    assert_eq!(store.generation(), 4);
+    assert!(m.watch_restarts("Service") >= 1);
+    assert!(m.watch_errors("Service") >= 1);
+    assert!(api.requests(SERVICES) > lists_before + 1);
+    // What did not change survived the relist.
+    assert!(has_host(&store, "www.aliyun.com"));
+    assert_eq!(m.reloads("rejected"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_every_kind_before_the_first_snapshot() {
+    // Pods never list (the server keeps failing with 500): no snapshot is published, and the
+    // timeout names the kind.
+    let api = FakeApi::default();
+    for (p, rv) in [
+        (NAMESPACES, "1"),
+        (SERVICES, "1"),
+        (CONFIGMAPS, "1"),
+        (SERVICE_ENTRIES, "1"),
+        (DESTINATION_RULES, "1"),
+        (VIRTUAL_SERVICES, "1"),
+        (AUTHZ, "1"),
+        (GATEWAYS, "1"),
+        (HTTP_ROUTES, "1"),
+    ] {
+        api.set_list(p, vec![], rv);
+    }
+    let (svc, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
+    let inner = api.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let inner = inner.clone();
+            let uri = req.uri().clone();
+            tokio::spawn(async move {
+                let resp = if uri.path() == PODS {
+                    reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "code": 500, "reason": "InternalError", "message": "etcd down"})
+                        .to_string(),
+                    )
+                } else {
+                    inner.answer(uri).await
+                };
+                send.send_response(resp);
+            });
+        }
+    });
+    let opts = KubeSourceOptions {
+        initial_sync_timeout: Duration::from_secs(2),
+        debounce: Duration::from_millis(20),
+        ..KubeSourceOptions::default()
+    };
+    let source = KubeSource::spawn(kube::Client::new(svc, "default"), opts.clone()).expect("spawn");
+    let err = source
+        .wait_ready(opts.initial_sync_timeout)
+        .await
+        .expect_err("pods never listed");
+    let msg = err.to_string();
+    assert!(msg.contains("not listed yet: Pod"), "{msg}");
+    assert!(!source.is_ready());
+    assert!(source.store().is_none());
+    assert!(source.metrics().watch_errors("Pod") >= 1);
+    assert_eq!(source.metrics().reloads("ok"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_cluster_is_reported_at_startup() {
+    let api = FakeApi::default();
+    for p in [
+        NAMESPACES,
+        SERVICES,
+        PODS,
+        CONFIGMAPS,
+        SERVICE_ENTRIES,
+        DESTINATION_RULES,
+        AUTHZ,
+        GATEWAYS,
+        HTTP_ROUTES,
+    ] {
+        api.set_list(p, vec![], "1");
+    }
+    api.set_list(
+        VIRTUAL_SERVICES,
+        vec![virtual_service("2", false, Some(("bogus", json!(1))))],
+        "2",
+    );
+    let opts = KubeSourceOptions {
+        initial_sync_timeout: Duration::from_secs(3),
+        debounce: Duration::from_millis(20),
+        ..KubeSourceOptions::default()
+    };
+    let err = KubeSource::start(api.client(), opts)
+        .await
+        .expect_err("invalid VirtualService");
+    match err {
+        kube_source::KubeSourceError::Invalid(errs) => {
+            assert!(errs.to_string().contains("bogus"), "{errs}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+}
