@@ -1,18 +1,20 @@
 //! JSON access logs: Istio's default JSON format for requests, and ztunnel-style connection lines.
 //!
 //! [`AccessLogger`] writes one JSON object per line. Entries are serialised by the caller's task
-//! and handed over a bounded channel to one writer thread, so lines from concurrent tasks never
-//! interleave and a slow stdout never blocks the data path: when the queue is full the entry is
-//! dropped and counted. A disabled logger costs one branch.
+//! and appended, whole, to a bounded shared buffer that one writer thread writes in batches, so
+//! lines from concurrent tasks never interleave, a busy proxy pays one wake-up and one `write`
+//! per batch rather than per line, and a slow stdout never blocks the data path: when the queue
+//! is full the entry is dropped and counted. A disabled logger costs one branch.
 
-use std::io::{self, BufWriter, Write};
+use std::cell::RefCell;
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use serde::{Serialize, Serializer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::flags::ResponseFlags;
@@ -20,21 +22,40 @@ use crate::flags::ResponseFlags;
 /// Formats `time` as Envoy's `%START_TIME%`: RFC 3339, UTC, milliseconds
 /// (`2024-05-01T12:00:00.123Z`).
 pub fn format_start_time(time: SystemTime) -> String {
+    let buf = start_time_bytes(time);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// `%START_TIME%` into a stack buffer: every access-log line has one, so no `format!`.
+fn start_time_bytes(time: SystemTime) -> [u8; 24] {
     let t = time::OffsetDateTime::from(time);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    // Years outside 0..=9999 cannot be written in RFC 3339; clamp rather than misalign.
+    let year = t.year().clamp(0, 9999).unsigned_abs();
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, digits: usize, mut v: u32| {
+        for i in (at..at + digits).rev() {
+            // `v % 10` is a single decimal digit.
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u8::from(t.month()).into());
+    put(8, 2, t.day().into());
+    put(11, 2, t.hour().into());
+    put(14, 2, t.minute().into());
+    put(17, 2, t.second().into());
+    put(20, 3, t.millisecond().into());
+    out
 }
 
 fn start_time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format_start_time(*time))
+    let buf = start_time_bytes(*time);
+    // Only ASCII digits and separators were written.
+    match std::str::from_utf8(&buf) {
+        Ok(s) => serializer.serialize_str(s),
+        Err(_) => serializer.serialize_none(),
+    }
 }
 
 /// Envoy prints `%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%` as the header's string value.
@@ -192,10 +213,13 @@ pub struct ConnectionLogEntry {
 /// Entries waiting for the writer thread before new ones are dropped.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 16 * 1024;
 
-enum Msg {
-    Line(Vec<u8>),
-    Flush(oneshot::Sender<()>),
-}
+/// How long the writer lets lines gather after the first one before writing them: lines reach
+/// stdout within about this delay, and a busy proxy pays one wake-up and one `write` per batch
+/// instead of per line.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Queued bytes that make the writer write at once instead of waiting for [`FLUSH_INTERVAL`].
+const HIGH_WATER_BYTES: usize = 128 * 1024;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -203,14 +227,59 @@ struct Counters {
     write_errors: AtomicU64,
 }
 
-struct Shared {
-    tx: mpsc::Sender<Msg>,
-    counters: Arc<Counters>,
+/// What the loggers hand to the writer thread, under one mutex held only to append or swap.
+#[derive(Default)]
+struct Queue {
+    /// Whole JSON lines, in order.
+    buf: Vec<u8>,
+    /// Lines in `buf` (the capacity is counted in lines).
+    lines: usize,
+    /// Waiters of [`AccessLogger::flush`], answered once `buf` as of their call is written.
+    flushes: Vec<oneshot::Sender<()>>,
+    /// The writer sleeps without a deadline and needs a wake-up for the next line.
+    writer_idle: bool,
+    /// A wake-up is already on its way (high water or flush): do not send another.
+    woken: bool,
+    /// Every logger is gone: write what is left and exit.
+    closed: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    capacity: usize,
+    counters: Counters,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves a consistent queue (appends are single calls).
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Held by the loggers only: dropping the last one tells the writer to finish.
+struct Shared(Arc<Inner>);
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
+thread_local! {
+    /// Serialisation scratch space, so a line costs no allocation and the queue lock is held
+    /// only for a copy.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
 }
 
 /// Writes serialisable entries as JSON lines. Cheap to clone; clones share the writer.
 ///
-/// The writer thread exits once every clone is dropped, after writing what is queued.
+/// Entries are serialised by the calling task and appended to a shared buffer; one writer thread
+/// writes the buffer in batches, [`FLUSH_INTERVAL`] after the first line of a batch or sooner when
+/// it grows large. The writer thread exits once every clone is dropped, after writing what is
+/// queued; [`flush`](Self::flush) waits for everything logged before it (call it on shutdown).
 #[derive(Clone)]
 pub struct AccessLogger {
     shared: Option<Arc<Shared>>,
@@ -245,14 +314,18 @@ impl AccessLogger {
         writer: W,
         capacity: usize,
     ) -> io::Result<Self> {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let counters = Arc::new(Counters::default());
-        let thread_counters = counters.clone();
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            capacity: capacity.max(1),
+            counters: Counters::default(),
+        });
+        let thread_inner = inner.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, writer, &thread_counters))?;
+            .spawn(move || write_batches(&thread_inner, writer))?;
         Ok(Self {
-            shared: Some(Arc::new(Shared { tx, counters })),
+            shared: Some(Arc::new(Shared(inner))),
         })
     }
 
@@ -261,24 +334,60 @@ impl AccessLogger {
         self.shared.is_some()
     }
 
-    /// Queues `entry` as one JSON line. Never blocks; drops the entry if the queue is full.
+    /// Queues `entry` as one JSON line. Never blocks on I/O; drops the entry if the queue is
+    /// full.
     pub fn log<T: Serialize + ?Sized>(&self, entry: &T) {
         let Some(shared) = &self.shared else {
             return;
         };
-        let mut line = Vec::with_capacity(768);
-        if let Err(error) = serde_json::to_writer(&mut line, entry) {
-            warn!(%error, "access log entry could not be serialised");
-            return;
-        }
-        line.push(b'\n');
-        if shared.tx.try_send(Msg::Line(line)).is_err() {
-            let dropped = shared.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            // The first drop and then every 1000th, so a stuck stdout does not flood stderr.
-            if dropped % 1000 == 1 {
-                warn!(dropped, "access log queue full; dropping entries");
+        let inner = &shared.0;
+        SCRATCH.with(|scratch| {
+            // `try_borrow_mut`: a `Serialize` impl that logs would re-enter; give it a fresh
+            // buffer rather than panic.
+            let mut fresh = Vec::new();
+            let mut borrowed = scratch.try_borrow_mut();
+            let line = match borrowed.as_deref_mut() {
+                Ok(buf) => buf,
+                Err(_) => &mut fresh,
+            };
+            line.clear();
+            if let Err(error) = serde_json::to_writer(&mut *line, entry) {
+                warn!(%error, "access log entry could not be serialised");
+                return;
             }
-        }
+            line.push(b'\n');
+            let wake = {
+                let mut q = inner.lock();
+                if q.lines >= inner.capacity {
+                    None
+                } else {
+                    q.buf.extend_from_slice(line);
+                    q.lines += 1;
+                    // Wake the writer only to start a batch, or once when the batch is big.
+                    let wake = (q.writer_idle || q.buf.len() >= HIGH_WATER_BYTES) && !q.woken;
+                    if wake {
+                        q.woken = true;
+                    }
+                    Some(wake)
+                }
+            };
+            match wake {
+                Some(true) => inner.wake.notify_one(),
+                Some(false) => {}
+                None => {
+                    let dropped = inner.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    // The first drop and then every 1000th, so a stuck stdout does not flood
+                    // stderr.
+                    if dropped % 1000 == 1 {
+                        warn!(dropped, "access log queue full; dropping entries");
+                    }
+                }
+            }
+            // Keep the scratch buffer from growing without bound after one huge entry.
+            if line.capacity() > 64 * 1024 {
+                *line = Vec::with_capacity(1024);
+            }
+        });
     }
 
     /// Waits until every entry queued before this call has been written and flushed.
@@ -287,50 +396,77 @@ impl AccessLogger {
             return;
         };
         let (ack, done) = oneshot::channel();
-        if shared.tx.send(Msg::Flush(ack)).await.is_ok() {
-            let _ = done.await;
+        {
+            let mut q = shared.0.lock();
+            q.flushes.push(ack);
+            q.woken = true;
         }
+        shared.0.wake.notify_one();
+        let _ = done.await;
     }
 
     /// Entries dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.shared
             .as_ref()
-            .map_or(0, |s| s.counters.dropped.load(Ordering::Relaxed))
+            .map_or(0, |s| s.0.counters.dropped.load(Ordering::Relaxed))
     }
 
     /// Failed writes to the underlying writer.
     pub fn write_errors(&self) -> u64 {
         self.shared
             .as_ref()
-            .map_or(0, |s| s.counters.write_errors.load(Ordering::Relaxed))
+            .map_or(0, |s| s.0.counters.write_errors.load(Ordering::Relaxed))
     }
 }
 
-fn write_lines<W: Write>(mut rx: mpsc::Receiver<Msg>, writer: W, counters: &Counters) {
-    let mut out = BufWriter::with_capacity(64 * 1024, writer);
-    let write = |out: &mut BufWriter<W>, msg: Msg| match msg {
-        Msg::Line(line) => {
-            if out.write_all(&line).is_err() {
-                counters.write_errors.fetch_add(1, Ordering::Relaxed);
+/// The writer thread: sleep until a line arrives, let a batch gather for [`FLUSH_INTERVAL`]
+/// (less when it grows past [`HIGH_WATER_BYTES`] or someone flushes), write it with one call,
+/// repeat; exit after the last batch once every logger is gone.
+fn write_batches<W: Write>(inner: &Inner, mut writer: W) {
+    let mut batch = Vec::new();
+    loop {
+        let (flushes, closed) = {
+            let mut q = inner.lock();
+            // Idle: nothing queued, wait for the first line without a deadline.
+            while q.buf.is_empty() && q.flushes.is_empty() && !q.closed {
+                q.writer_idle = true;
+                q.woken = false;
+                q = inner.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
+            q.writer_idle = false;
+            // Linger so the batch fills, unless it is urgent.
+            let urgent =
+                |q: &Queue| q.closed || !q.flushes.is_empty() || q.buf.len() >= HIGH_WATER_BYTES;
+            if !urgent(&q) {
+                q.woken = false;
+                q = inner
+                    .wake
+                    .wait_timeout_while(q, FLUSH_INTERVAL, |q| !urgent(q))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            std::mem::swap(&mut q.buf, &mut batch);
+            q.lines = 0;
+            q.woken = false;
+            (std::mem::take(&mut q.flushes), q.closed)
+        };
+        if !batch.is_empty() && writer.write_all(&batch).is_err() {
+            inner.counters.write_errors.fetch_add(1, Ordering::Relaxed);
         }
-        Msg::Flush(ack) => {
-            if out.flush().is_err() {
-                counters.write_errors.fetch_add(1, Ordering::Relaxed);
-            }
+        if (!batch.is_empty() || !flushes.is_empty()) && writer.flush().is_err() {
+            inner.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        batch.clear();
+        // Do not keep a burst's worth of memory forever.
+        if batch.capacity() > 4 * HIGH_WATER_BYTES {
+            batch = Vec::new();
+        }
+        for ack in flushes {
             let _ = ack.send(());
         }
-    };
-    while let Some(msg) = rx.blocking_recv() {
-        write(&mut out, msg);
-        // Batch what queued up meanwhile, then flush once: whole lines reach the writer
-        // promptly without a syscall per entry under load.
-        while let Ok(msg) = rx.try_recv() {
-            write(&mut out, msg);
-        }
-        if out.flush().is_err() {
-            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        if closed && inner.lock().buf.is_empty() {
+            return;
         }
     }
 }
@@ -350,6 +486,8 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_714_564_800_123);
         assert_eq!(format_start_time(t), "2024-05-01T12:00:00.123Z");
         assert_eq!(format_start_time(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(4_102_444_799_999);
+        assert_eq!(format_start_time(t), "2099-12-31T23:59:59.999Z");
     }
 
     const ISTIO_FIELDS: [&str; 24] = [
@@ -533,37 +671,139 @@ mod tests {
         }
     }
 
+    /// Blocks every write until the gate opens; records what was written.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        written: Capture,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.0.lock().expect("lock") = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, cvar) = &*self.open;
+            let _open = cvar
+                .wait_while(lock.lock().expect("lock"), |open| !*open)
+                .expect("lock");
+            self.written.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[tokio::test]
     async fn full_queue_drops_instead_of_blocking() {
-        /// Blocks every write until released.
-        struct Gate(Arc<std::sync::Barrier>);
-        impl Write for Gate {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                self.0.wait();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let barrier = Arc::new(std::sync::Barrier::new(2));
-        // BufWriter with a 64 KiB buffer would absorb small lines; make each line bigger.
-        let logger = AccessLogger::with_capacity(Gate(barrier.clone()), 2).expect("logger");
-        let big = "y".repeat(70 * 1024);
+        let gate = Gate::default();
+        let logger = AccessLogger::with_capacity(gate.clone(), 2).expect("logger");
         let started = std::time::Instant::now();
-        for _ in 0..10 {
-            logger.log(&big);
+        for i in 0..10 {
+            logger.log(&format!("line {i}"));
+            // Let the writer take the first batch and block in `write`.
+            if i == 0 {
+                tokio::time::sleep(FLUSH_INTERVAL * 4).await;
+            }
         }
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "log() must not block"
         );
-        let dropped = logger.dropped();
-        assert!(dropped >= 7, "dropped {dropped}");
-        // Release one write per accepted line so the writer thread can finish.
-        for _ in 0..(10 - dropped) {
-            barrier.wait();
+        // The writer holds the first line; two more fit in the queue; the rest are dropped.
+        assert_eq!(logger.dropped(), 7);
+        gate.open();
+        logger.flush().await;
+        let text = String::from_utf8(gate.written.0.lock().expect("lock").clone()).expect("utf8");
+        assert_eq!(text, "\"line 0\"\n\"line 1\"\n\"line 2\"\n");
+    }
+
+    /// Counts `write` calls.
+    #[derive(Clone, Default)]
+    struct Counting {
+        data: Capture,
+        writes: Arc<AtomicU64>,
+    }
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.data.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
         }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_written_in_batches() {
+        let out = Counting::default();
+        let logger = AccessLogger::to_writer(out.clone()).expect("logger");
+        for i in 0..2000u64 {
+            let mut entry = AccessLogEntry::new(SystemTime::now());
+            entry.bytes_sent = i;
+            logger.log(&entry);
+        }
+        logger.flush().await;
+        let text = String::from_utf8(out.data.0.lock().expect("lock").clone()).expect("utf8");
+        let sent: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("json line");
+                v["bytes_sent"].as_u64().expect("bytes_sent")
+            })
+            .collect();
+        assert_eq!(sent, (0..2000).collect::<Vec<_>>(), "every line, in order");
+        let writes = out.writes.load(Ordering::Relaxed);
+        // ~700 bytes a line: a handful of high-water batches, not one write per line.
+        assert!(writes < 100, "{writes} writes for 2000 lines");
+    }
+
+    #[tokio::test]
+    async fn lines_arrive_without_flush_and_when_the_logger_is_dropped() {
+        let out = Counting::default();
+        let logger = AccessLogger::to_writer(out.clone()).expect("logger");
+        let wait_for = |n: usize| {
+            let data = out.data.clone();
+            async move {
+                for _ in 0..200 {
+                    if data
+                        .0
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        >= n
+                    {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        logger.log("first");
+        assert!(
+            wait_for(1).await,
+            "a lone line is written after the interval"
+        );
+        logger.log("second");
+        drop(logger);
+        assert!(
+            wait_for(2).await,
+            "the last logger's drop writes what is queued"
+        );
+        assert_eq!(
+            out.data.0.lock().expect("lock").as_slice(),
+            b"\"first\"\n\"second\"\n"
+        );
     }
 
     #[tokio::test]

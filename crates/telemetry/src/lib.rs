@@ -22,8 +22,9 @@ pub use access_log::{
 pub use admin::{AdminState, Endpoints, Readiness};
 pub use flags::{ResponseFlag, ResponseFlags};
 pub use metrics::{
-    ConnectionLabels, ConnectionMetrics, Metrics, Reporter, RequestLabels, RequestProtocol,
-    SecurityPolicy, ServiceLabels, TrafficLabels, WorkloadLabels,
+    ConnectionLabels, ConnectionMetrics, Metrics, Reporter, RequestLabels, RequestLabelsRef,
+    RequestProtocol, SecurityPolicy, ServiceLabels, ServiceLabelsRef, TrafficLabels,
+    WorkloadLabels, WorkloadLabelsRef,
 };
 
 /// Errors from setting up telemetry.

@@ -5,11 +5,14 @@
 //! values are exported as `unknown`, like ztunnel. Histograms use Envoy's default buckets, which
 //! is what Istio's proxies export unless reconfigured.
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::TelemetryError;
@@ -161,6 +164,116 @@ pub struct RequestLabels {
     pub response_flags: ResponseFlags,
 }
 
+/// [`WorkloadLabels`] borrowed: what a hot path passes when it has the values but not an owned
+/// label struct (see [`Metrics::record_request_ref`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct WorkloadLabelsRef<'a> {
+    pub workload: &'a str,
+    pub namespace: &'a str,
+    pub principal: &'a str,
+    pub app: &'a str,
+    pub version: &'a str,
+    pub canonical_service: &'a str,
+    pub canonical_revision: &'a str,
+    pub cluster: &'a str,
+}
+
+impl WorkloadLabels {
+    /// Borrowed view.
+    pub fn as_ref(&self) -> WorkloadLabelsRef<'_> {
+        WorkloadLabelsRef {
+            workload: &self.workload,
+            namespace: &self.namespace,
+            principal: &self.principal,
+            app: &self.app,
+            version: &self.version,
+            canonical_service: &self.canonical_service,
+            canonical_revision: &self.canonical_revision,
+            cluster: &self.cluster,
+        }
+    }
+}
+
+/// [`ServiceLabels`] borrowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ServiceLabelsRef<'a> {
+    pub host: &'a str,
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+/// [`RequestLabels`] borrowed: building one allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RequestLabelsRef<'a> {
+    pub reporter: Reporter,
+    pub source: WorkloadLabelsRef<'a>,
+    pub destination: WorkloadLabelsRef<'a>,
+    pub destination_service: ServiceLabelsRef<'a>,
+    pub connection_security_policy: SecurityPolicy,
+    pub request_protocol: RequestProtocol,
+    pub response_code: u16,
+    pub response_flags: ResponseFlags,
+}
+
+impl RequestLabels {
+    /// Borrowed view.
+    pub fn as_ref(&self) -> RequestLabelsRef<'_> {
+        let t = &self.traffic;
+        RequestLabelsRef {
+            reporter: t.reporter,
+            source: t.source.as_ref(),
+            destination: t.destination.as_ref(),
+            destination_service: ServiceLabelsRef {
+                host: &t.destination_service.host,
+                name: &t.destination_service.name,
+                namespace: &t.destination_service.namespace,
+            },
+            connection_security_policy: t.connection_security_policy,
+            request_protocol: self.request_protocol,
+            response_code: self.response_code,
+            response_flags: self.response_flags,
+        }
+    }
+}
+
+impl RequestLabelsRef<'_> {
+    /// A 128-bit digest of the label set: two SipHash passes (fixed keys, the second over a
+    /// seed prefix, so they are independent). The cache trusts it as the identity of the label
+    /// set: comparing the strings themselves read cache lines other threads write (the owned
+    /// copies sit next to hot allocations) and cost more than the rest of the recording; a
+    /// collision among a few thousand label sets has a probability around 2^-100.
+    fn key(&self) -> u128 {
+        let mut lo = DefaultHasher::new();
+        self.hash(&mut lo);
+        let mut hi = DefaultHasher::new();
+        0x9e37_79b9_7f4a_7c15_u64.hash(&mut hi);
+        self.hash(&mut hi);
+        (u128::from(hi.finish()) << 64) | u128::from(lo.finish())
+    }
+}
+
+/// The four `istio_request*` series of one label set: recording is four atomic updates.
+#[derive(Debug, Clone)]
+struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Series already looked up, by label set. Prometheus' `with_label_values` hashes every label
+/// value and takes a lock per metric; this is one digest and one read lock for all four, with no
+/// allocation once a label set has been seen.
+#[derive(Debug, Default)]
+struct SeriesCache {
+    /// [`RequestLabelsRef::key`] → the label set's series.
+    map: RwLock<HashMap<u128, RequestSeries>>,
+}
+
+/// Label sets kept in [`SeriesCache`]; past this it starts over (the series themselves stay
+/// registered), so label churn cannot grow it without bound.
+const SERIES_CACHE_MAX: usize = 4096;
+
 const TRAFFIC_LABEL_NAMES: [&str; 20] = [
     "reporter",
     "source_workload",
@@ -186,6 +299,34 @@ const TRAFFIC_LABEL_NAMES: [&str; 20] = [
 
 fn or_unknown(value: &str) -> &str {
     if value.is_empty() { UNKNOWN } else { value }
+}
+
+impl RequestLabelsRef<'_> {
+    fn values(&self) -> [&str; 20] {
+        let (s, d, svc) = (&self.source, &self.destination, &self.destination_service);
+        [
+            self.reporter.as_str(),
+            or_unknown(s.workload),
+            or_unknown(s.namespace),
+            or_unknown(s.principal),
+            or_unknown(s.app),
+            or_unknown(s.version),
+            or_unknown(s.canonical_service),
+            or_unknown(s.canonical_revision),
+            or_unknown(s.cluster),
+            or_unknown(d.workload),
+            or_unknown(d.namespace),
+            or_unknown(d.principal),
+            or_unknown(d.app),
+            or_unknown(d.version),
+            or_unknown(svc.host),
+            or_unknown(svc.name),
+            or_unknown(svc.namespace),
+            or_unknown(d.canonical_service),
+            or_unknown(d.canonical_revision),
+            or_unknown(d.cluster),
+        ]
+    }
 }
 
 impl TrafficLabels {
@@ -258,7 +399,7 @@ fn with_tcp_values<R>(labels: &ConnectionLabels, f: impl FnOnce(&[&str]) -> R) -
     f(&values)
 }
 
-fn with_request_values<R>(labels: &RequestLabels, f: impl FnOnce(&[&str]) -> R) -> R {
+fn with_request_values<R>(labels: &RequestLabelsRef<'_>, f: impl FnOnce(&[&str]) -> R) -> R {
     let rendered;
     let flags = match labels.response_flags.as_static_str() {
         Some(s) => s,
@@ -268,14 +409,14 @@ fn with_request_values<R>(labels: &RequestLabels, f: impl FnOnce(&[&str]) -> R) 
         }
     };
     let code = labels.response_code.to_string();
-    let traffic = labels.traffic.values();
+    let traffic = labels.values();
     let mut values = Vec::with_capacity(24);
     values.extend_from_slice(&traffic);
     values.extend([
         labels.request_protocol.as_str(),
         code.as_str(),
         flags,
-        labels.traffic.connection_security_policy.as_str(),
+        labels.connection_security_policy.as_str(),
     ]);
     f(&values)
 }
@@ -325,6 +466,7 @@ pub struct Metrics {
     request_duration: HistogramVec,
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
+    request_series: Arc<SeriesCache>,
     config_generation: IntGauge,
     config_reload_errors: IntCounter,
     config_last_success: Gauge,
@@ -413,6 +555,7 @@ impl Metrics {
             request_duration,
             request_bytes,
             response_bytes,
+            request_series: Arc::default(),
             config_generation,
             config_reload_errors,
             config_last_success,
@@ -451,19 +594,55 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        with_request_values(labels, |values| {
-            self.requests.with_label_values(values).inc();
-            self.request_duration
-                .with_label_values(values)
-                .observe(duration.as_secs_f64() * 1000.0);
+        self.record_request_ref(labels.as_ref(), duration, request_bytes, response_bytes);
+    }
+
+    /// [`record_request`](Self::record_request) from borrowed labels: no allocation once the
+    /// label set has been seen.
+    pub fn record_request_ref(
+        &self,
+        labels: RequestLabelsRef<'_>,
+        duration: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let record = |series: &RequestSeries| {
+            series.requests.inc();
+            series.duration.observe(duration.as_secs_f64() * 1000.0);
             // u64 → f64 loses precision only above 2^53 bytes.
-            self.request_bytes
-                .with_label_values(values)
-                .observe(request_bytes as f64);
-            self.response_bytes
-                .with_label_values(values)
-                .observe(response_bytes as f64);
+            series.request_bytes.observe(request_bytes as f64);
+            series.response_bytes.observe(response_bytes as f64);
+        };
+        let key = labels.key();
+        {
+            // Recorded under the read lock: no reference counts to bump on the hot path.
+            let map = self
+                .request_series
+                .map
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(series) = map.get(&key) {
+                record(series);
+                return;
+            }
+        }
+        record(&self.request_series_slow(key, labels));
+    }
+
+    fn request_series_slow(&self, key: u128, labels: RequestLabelsRef<'_>) -> RequestSeries {
+        let cache = &self.request_series.map;
+        let series = with_request_values(&labels, |values| RequestSeries {
+            requests: self.requests.with_label_values(values),
+            duration: self.request_duration.with_label_values(values),
+            request_bytes: self.request_bytes.with_label_values(values),
+            response_bytes: self.response_bytes.with_label_values(values),
         });
+        let mut map = cache.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= SERIES_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(key, series.clone());
+        series
     }
 
     /// A configuration snapshot `generation` was loaded and is now in use.
@@ -650,6 +829,47 @@ mod tests {
         let count = line(&text, "istio_response_bytes_count", &common).expect("count");
         assert!(count.ends_with("} 2"), "{count}");
         assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram"));
+    }
+
+    #[test]
+    fn cached_series_keep_label_sets_apart() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut labels = RequestLabels {
+            traffic: traffic(),
+            response_code: 200,
+            ..RequestLabels::default()
+        };
+        metrics.record_request(&labels, Duration::from_millis(1), 10, 20);
+        metrics.record_request_ref(labels.as_ref(), Duration::from_millis(1), 10, 20);
+        labels.response_code = 503;
+        metrics.record_request(&labels, Duration::from_millis(1), 10, 20);
+        labels.traffic.source.workload = "other".into();
+        metrics.record_request_ref(labels.as_ref(), Duration::from_millis(1), 10, 20);
+
+        let text = metrics.encode_text().expect("encode");
+        let count = |code: &str, workload: &str| {
+            line(
+                &text,
+                "istio_requests_total",
+                &[
+                    &format!(r#"response_code="{code}""#),
+                    &format!(r#"source_workload="{workload}""#),
+                ],
+            )
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+        };
+        assert_eq!(count("200", "sleep").as_deref(), Some("2"));
+        assert_eq!(count("503", "sleep").as_deref(), Some("1"));
+        assert_eq!(count("503", "other").as_deref(), Some("1"));
+        assert_eq!(count("200", "other"), None);
+        let sum = line(
+            &text,
+            "istio_response_bytes_sum",
+            &[r#"response_code="200""#],
+        )
+        .expect("response bytes");
+        assert!(sum.ends_with("} 40"), "{sum}");
     }
 
     #[test]
