@@ -10,14 +10,14 @@ use mesh_config::authz::Decision;
 use mesh_config::route::L4Info;
 use mesh_config::{Service, ServicePort, Snapshot};
 use telemetry::{AccessLogEntry, ResponseFlag, ResponseFlags};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::http::{Downstream, authz};
 use crate::observe;
 use crate::proxy::Proxy;
 use crate::sniff::{self, Hello};
+use crate::upstream::outlier::Observation;
 use crate::upstream::{self, ClusterRequest, HttpVersion, PoolLimits};
 
 /// How long a TLS client may take to send its ClientHello.
@@ -219,11 +219,26 @@ pub async fn serve(
         }
     };
     e.upstream_host = Some(addr);
-    let tcp = match proxy
-        .upstream
-        .connect_tcp(addr, cluster.limits.connect_timeout)
-        .await
-    {
+    // A client that speaks TLS itself (TLS / HTTPS ports) is never wrapped a second time.
+    let tcp = if tls && cluster.tls.is_some() {
+        debug!("DestinationRule tls on a TLS port: the client's TLS is forwarded as is");
+        proxy
+            .upstream
+            .connect_tcp(addr, cluster.limits.connect_timeout)
+            .await
+            .map(upstream::pool::Stream::Plain)
+    } else {
+        if let Some(spec) = &cluster.tls {
+            debug!(sni = %spec.sni, "originating TLS for a TCP flow");
+        }
+        proxy.upstream.connect_l4(&cluster, addr).await
+    };
+    let observation = match &tcp {
+        Ok(_) => Observation::LocalOriginSuccess,
+        Err(_) => Observation::LocalOriginFailure,
+    };
+    proxy.upstream.observe(&cluster, addr, observation);
+    let tcp = match tcp {
         Ok(t) => t,
         Err(err) => {
             debug!(error = %err, "upstream connect failed");
@@ -311,11 +326,11 @@ pub async fn passthrough(proxy: Arc<Proxy>, downstream: Downstream, tunnel: Tunn
     );
 }
 
-async fn relay(
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     proxy: &Proxy,
     e: &mut AccessLogEntry,
     tunnel: Tunnel,
-    tcp: TcpStream,
+    tcp: S,
     prefix: &[u8],
     source: telemetry::WorkloadLabels,
     service: &Service,
@@ -328,9 +343,9 @@ async fn relay(
 
 /// Copies both ways (the already-read `prefix` first). Returns (client → upstream,
 /// upstream → client) bytes.
-async fn copy(
+async fn copy<S: AsyncRead + AsyncWrite + Unpin>(
     mut tunnel: Tunnel,
-    mut tcp: TcpStream,
+    mut tcp: S,
     prefix: &[u8],
     e: &mut AccessLogEntry,
 ) -> (u64, u64) {

@@ -37,6 +37,10 @@ struct RunArgs {
     /// Configuration directory, hot-reloaded (default: the embedded default configuration).
     #[arg(long, env = "WAYPOINT_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
+    /// Where the configuration comes from: `dir` (--config-dir or the embedded default) or
+    /// `kube` (the Kubernetes API: in-cluster config or KUBECONFIG).
+    #[arg(long, env = "STRAIT_CONFIG_SOURCE", default_value = "dir")]
+    config_source: kube_source::ConfigSource,
     /// Which waypoint Gateway this is.
     #[arg(long, default_value = "istio-egress/waypoint", value_parser = parse_gateway)]
     gateway: mesh_config::NamespacedName,
@@ -70,6 +74,10 @@ struct RunArgs {
     /// After SIGTERM, how long in-flight requests may take (seconds).
     #[arg(long, default_value_t = 20)]
     drain_seconds: u64,
+    /// Largest request body buffered so a request can be retried or mirrored (bytes); larger
+    /// bodies stream and are neither retried nor mirrored (Envoy's per-request buffer limit).
+    #[arg(long, default_value_t = waypoint::options::DEFAULT_MAX_BUFFERED_BODY)]
+    max_request_buffer_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +125,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("--ca-dir is required (a directory with ca-cert.pem and ca-key.pem)")?;
     let mut opts = Options::new(ca_dir);
     opts.config_dir = args.config_dir;
+    opts.config_source = args.config_source;
     opts.gateway = args.gateway;
     opts.listen = args.listen;
     opts.admin = match args.admin.as_str() {
@@ -128,6 +137,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     opts.dns_server = args.dns_server;
     opts.server_header = Some(args.server_header);
     opts.drain_timeout = Duration::from_secs(args.drain_seconds);
+    opts.max_buffered_body = args.max_request_buffer_bytes;
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(waypoint::run(opts, shutdown_signal()))?;
     Ok(())

@@ -9,8 +9,9 @@ use mesh_config::model::Labels;
 use mesh_config::snapshot::ServiceKind;
 use mesh_config::{Service, Snapshot};
 use telemetry::{
-    AccessLogEntry, ConnectionLabels, Metrics, Reporter, RequestLabels, RequestProtocol,
-    ResponseFlags, SecurityPolicy, ServiceLabels, TrafficLabels, WorkloadLabels,
+    AccessLogEntry, ConnectionLabels, Metrics, Reporter, RequestLabelsRef, RequestProtocol,
+    ResponseFlags, SecurityPolicy, ServiceLabels, ServiceLabelsRef, TrafficLabels, WorkloadLabels,
+    WorkloadLabelsRef,
 };
 
 use crate::http::Downstream;
@@ -30,11 +31,7 @@ pub fn source_labels(snap: &Snapshot, downstream: &Downstream) -> WorkloadLabels
         namespace: id.namespace.clone(),
         ..WorkloadLabels::default()
     };
-    let workload = downstream
-        .client
-        .and_then(|c| snap.workload_by_ip(c.ip()))
-        .filter(|w| w.identity.to_string() == labels.principal);
-    if let Some(w) = workload {
+    if let Some(w) = verified_source_workload(snap, downstream) {
         labels.workload = w
             .labels
             .get("app")
@@ -53,12 +50,24 @@ pub fn source_workload_labels<'s>(
     snap: &'s Snapshot,
     downstream: &Downstream,
 ) -> Option<&'s Labels> {
-    let principal = downstream.peer_identity.to_string();
+    verified_source_workload(snap, downstream).map(|w| &w.labels)
+}
+
+/// The workload at the original client IP, if it runs as the tunnel's verified identity.
+/// Compared field by field: this runs per request, and rendering both URIs allocated twice.
+fn verified_source_workload<'s>(
+    snap: &'s Snapshot,
+    downstream: &Downstream,
+) -> Option<&'s Arc<mesh_config::Workload>> {
+    let id = &downstream.peer_identity;
     downstream
         .client
         .and_then(|c| snap.workload_by_ip(c.ip()))
-        .filter(|w| w.identity.to_string() == principal)
-        .map(|w| &w.labels)
+        .filter(|w| {
+            w.identity.trust_domain == id.trust_domain
+                && w.identity.namespace == id.namespace
+                && w.identity.service_account == id.service_account
+        })
 }
 
 fn canonical_service(labels: &Labels, fallback: &str) -> String {
@@ -114,7 +123,8 @@ pub struct RequestLog {
     pub entry: AccessLogEntry,
     pub start: Instant,
     pub request_bytes: Arc<AtomicU64>,
-    pub source: WorkloadLabels,
+    /// The tunnel's `source_*` labels, shared by its requests.
+    pub source: Arc<WorkloadLabels>,
     pub service: Option<Arc<Service>>,
     pub grpc: bool,
 }
@@ -124,7 +134,7 @@ impl RequestLog {
         start: Instant,
         start_time: SystemTime,
         downstream: &Downstream,
-        source: WorkloadLabels,
+        source: Arc<WorkloadLabels>,
     ) -> Self {
         let mut entry = AccessLogEntry::new(start_time);
         entry.downstream_local_address = Some(downstream.local);
@@ -156,18 +166,26 @@ impl RequestLog {
         self.entry.duration = millis(duration);
         self.entry.bytes_sent = response_bytes;
         self.entry.bytes_received = self.request_bytes.load(Ordering::Relaxed);
-        let labels = RequestLabels {
-            traffic: TrafficLabels {
-                reporter: Reporter::Waypoint,
-                source: self.source,
-                destination: destination_labels(self.service.as_deref()),
-                destination_service: self
-                    .service
-                    .as_deref()
-                    .map(service_labels)
-                    .unwrap_or_default(),
-                connection_security_policy: SecurityPolicy::MutualTls,
+        // Borrowed labels: the metrics cache finds the series without building owned labels.
+        let service = self.service.as_deref();
+        let labels = RequestLabelsRef {
+            reporter: Reporter::Waypoint,
+            source: self.source.as_ref().as_ref(),
+            destination: WorkloadLabelsRef {
+                canonical_service: service.map_or("", |s| s.hostname.as_str()),
+                ..WorkloadLabelsRef::default()
             },
+            destination_service: service.map_or_else(ServiceLabelsRef::default, |s| {
+                ServiceLabelsRef {
+                    host: &s.hostname,
+                    name: match s.kind {
+                        ServiceKind::Service => &s.name.name,
+                        ServiceKind::ServiceEntry => &s.hostname,
+                    },
+                    namespace: &s.name.namespace,
+                }
+            }),
+            connection_security_policy: SecurityPolicy::MutualTls,
             request_protocol: if self.grpc {
                 RequestProtocol::Grpc
             } else {
@@ -176,9 +194,12 @@ impl RequestLog {
             response_code: self.entry.response_code,
             response_flags: self.entry.response_flags,
         };
-        proxy
-            .metrics
-            .record_request(&labels, duration, self.entry.bytes_received, response_bytes);
+        proxy.metrics.record_request_ref(
+            labels,
+            duration,
+            self.entry.bytes_received,
+            response_bytes,
+        );
         proxy.access_log.log(&self.entry);
     }
 }

@@ -9,11 +9,17 @@ use mesh_config::NamespacedName;
 /// The `server` header Envoy-based waypoints send.
 pub const DEFAULT_SERVER_HEADER: &str = "envoy";
 
+/// Request bodies up to this size are buffered so they can be retried or mirrored (Envoy's
+/// default per-connection buffer limit, which also bounds its retry buffer).
+pub const DEFAULT_MAX_BUFFERED_BODY: usize = 1024 * 1024;
+
 /// Everything [`crate::run`] needs.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Configuration directory (hot-reloaded); `None` = the embedded default configuration.
     pub config_dir: Option<PathBuf>,
+    /// `Dir` (`config_dir` / embedded default) or `Kube` (the Kubernetes API server).
+    pub config_source: kube_source::ConfigSource,
     /// Which waypoint Gateway this process is.
     pub gateway: NamespacedName,
     /// Holds `ca-cert.pem` + `ca-key.pem` (and optionally `root-cert.pem`): the waypoint mints its
@@ -45,6 +51,7 @@ impl Options {
     pub fn new(ca_dir: PathBuf) -> Self {
         Options {
             config_dir: None,
+            config_source: kube_source::ConfigSource::Dir,
             gateway: NamespacedName::new("istio-egress", "waypoint"),
             ca_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], hbone::HBONE_PORT)),
@@ -54,7 +61,7 @@ impl Options {
             dns_server: None,
             server_header: Some(DEFAULT_SERVER_HEADER.to_owned()),
             cert_ttl: Duration::from_secs(24 * 3600),
-            max_buffered_body: 64 * 1024,
+            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
             drain_timeout: Duration::from_secs(20),
         }
     }

@@ -49,6 +49,8 @@ pub enum RunError {
     AccessLog(std::io::Error),
     #[error("DNS: {0}")]
     Dns(#[from] DnsError),
+    #[error("configuration from the Kubernetes API: {0}")]
+    Kube(#[from] kube_source::KubeSourceError),
 }
 
 /// State shared by every connection and request.
@@ -160,11 +162,19 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let store = match &opts.config_dir {
-        Some(dir) => ConfigStore::open(dir)?,
-        None => ConfigStore::embedded_default()?,
+    let (store, kube_handle) = match opts.config_source {
+        kube_source::ConfigSource::Kube => {
+            let (store, handle) =
+                kube_source::KubeSource::start_default(kube_source::KubeSourceOptions::default())
+                    .await?;
+            (store, Some(handle))
+        }
+        kube_source::ConfigSource::Dir => match &opts.config_dir {
+            Some(dir) => (ConfigStore::open(dir)?, None),
+            None => (ConfigStore::embedded_default()?, None),
+        },
     };
-    let _watch = match &opts.config_dir {
+    let _watch = match store.dir() {
         Some(_) => Some(store.watch()?),
         None => None,
     };
@@ -190,6 +200,11 @@ pub async fn run(
         })?;
 
     let metrics = Arc::new(Metrics::new()?);
+    if let Some(k) = &kube_handle {
+        k.metrics()
+            .register(metrics.registry())
+            .map_err(telemetry::TelemetryError::from)?;
+    }
     metrics.config_loaded(store.generation());
     let access_log = AccessLogger::stdout().map_err(RunError::AccessLog)?;
     let proxy = Arc::new(Proxy::new(

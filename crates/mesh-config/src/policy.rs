@@ -295,6 +295,16 @@ fn client_tls(t: &m::ClientTlsSettings, path: &str, e: &mut ObjErrors<'_>) -> Op
             return None;
         }
     };
+    if let Some(name) = t.credential_name.as_deref().filter(|n| !n.is_empty()) {
+        // Secrets are not part of the configuration model: nothing can resolve the name. The
+        // connection then goes without those credentials and fails closed at the handshake.
+        tracing::warn!(
+            rule = %e.object,
+            field = %format!("{path}.credentialName"),
+            credential = name,
+            "credentialName is not supported in directory mode (Secrets are not loaded); use clientCertificate/privateKey/caCertificates file paths"
+        );
+    }
     if mode == TlsMode::Mutual
         && t.credential_name.is_none()
         && (t.client_certificate.is_none() || t.private_key.is_none())

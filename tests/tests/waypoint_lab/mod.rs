@@ -7,6 +7,8 @@
 //!    203.0.113.11 httpbin.org  nginx :80 (mirror / split target)
 //!    203.0.113.12 bad.example  nginx :80 → 503          203.0.113.13 good.example nginx :80 → 200
 //!    203.0.113.14 badcert.example nginx :443 with a certificate from another CA
+//!    (aliyun.com /stall sends "head", then stalls 3 s; httpbin.org and good.example /upload
+//!    read the whole request body and answer with its length)
 //!    203.0.113.53 dnsmasq for all of the above
 //! ```
 //!
@@ -111,7 +113,7 @@ pid @DIR@/nginx.pid;
 error_log @DIR@/error.log info;
 events { worker_connections 1024; }
 http {
-  log_format lab '$server_addr:$server_port "$ssl_server_name" "$request" host=$http_host rid=$http_x_request_id status=$status';
+  log_format lab '$server_addr:$server_port "$ssl_server_name" "$request" host=$http_host rid=$http_x_request_id status=$status len=$request_length';
   access_log @DIR@/lab.log lab;
   client_body_temp_path @DIR@/client_body;
   proxy_temp_path @DIR@/proxy;
@@ -119,12 +121,14 @@ http {
   uwsgi_temp_path @DIR@/uwsgi;
   scgi_temp_path @DIR@/scgi;
   keepalive_requests 100000;
+  client_max_body_size 8m;
   more_set_headers "Server: Tengine";
   server {
     listen 203.0.113.10:80;
     location / { return 301 https://aliyun.com/; }
     location /ok { return 200 "aliyun\n"; }
     location /slow { echo_sleep 3; echo "slow"; }
+    location /stall { echo "head"; echo_flush; echo_sleep 3; echo "tail"; }
     location /headers { echo "x-added=$http_x_added x-removed=$http_x_removed path=$request_uri host=$http_host"; }
   }
   server {
@@ -137,6 +141,7 @@ http {
   server {
     listen 203.0.113.11:80;
     location / { return 200 "httpbin\n"; }
+    location /upload { client_body_buffer_size 8m; echo_read_request_body; echo "httpbin got $content_length"; }
   }
   server {
     listen 203.0.113.11:443 ssl;
@@ -151,6 +156,7 @@ http {
   server {
     listen 203.0.113.13:80;
     location / { return 200 "good\n"; }
+    location /upload { client_body_buffer_size 8m; echo_read_request_body; echo "good got $content_length"; }
   }
   server {
     listen 203.0.113.14:443 ssl;

@@ -47,6 +47,25 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`), e.g.
+/// `websocket`. `h2c` is not offered upstream: the waypoint speaks HTTP/2 by prior knowledge.
+pub fn upgrade_protocol(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let proto = headers.get(UPGRADE)?;
+    let h2c = proto
+        .to_str()
+        .is_ok_and(|p| p.trim().eq_ignore_ascii_case("h2c"));
+    (asks && !h2c).then(|| proto.clone())
+}
+
 /// The request's `x-request-id`, generated (UUID v4) when absent or unusable.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
     if let Some(id) = headers
@@ -104,6 +123,33 @@ pub fn value(s: &str) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrade_requests() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let ws = h(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(
+            upgrade_protocol(Version::HTTP_11, &ws),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        // HTTP/2 has no Upgrade; h2c is not forwarded; both headers are needed.
+        assert_eq!(upgrade_protocol(Version::HTTP_2, &ws), None);
+        let h2c = h(&[("connection", "upgrade"), ("upgrade", "h2c")]);
+        assert_eq!(upgrade_protocol(Version::HTTP_11, &h2c), None);
+        let no_conn = h(&[("upgrade", "websocket")]);
+        assert_eq!(upgrade_protocol(Version::HTTP_11, &no_conn), None);
+        let no_proto = h(&[("connection", "upgrade")]);
+        assert_eq!(upgrade_protocol(Version::HTTP_11, &no_proto), None);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {

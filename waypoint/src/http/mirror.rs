@@ -1,5 +1,6 @@
 //! Traffic mirroring: a copy of the request goes to the mirror destination, fire and forget.
-//! The copy's authority gets Envoy's `-shadow` suffix; its response is read and dropped. A
+//! The copy's authority gets Envoy's `-shadow` suffix; its response is read and dropped. Bodies
+//! too large to buffer are copied as they stream ([`super::body::tee`]). A
 //! bounded number of mirrors may be in flight; beyond that copies are skipped, never queued,
 //! so mirroring can neither delay nor pile up behind the main request.
 
@@ -10,7 +11,7 @@ use mesh_config::route::Destination;
 use mesh_config::{Service, ServicePort, Snapshot};
 use tracing::debug;
 
-use super::body::Buffered;
+use super::body::ProxyBody;
 use super::pipeline::{self, MIRROR_TIMEOUT, Outgoing, TryInfo};
 use crate::proxy::Proxy;
 use crate::upstream::{self, ClusterRequest, HttpVersion};
@@ -27,7 +28,8 @@ pub fn shadow_authority(authority: &str) -> String {
     format!("{host}-shadow{}", &authority[host.len()..])
 }
 
-/// Sends a copy of `out` (with `body`) to `dest`, in the background.
+/// Sends a copy of `out` (with `body`, a replay of the buffered original or a streaming copy)
+/// to `dest`, in the background.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     proxy: &Arc<Proxy>,
@@ -36,7 +38,7 @@ pub fn spawn(
     port: &ServicePort,
     dest: &Destination,
     out: &Outgoing,
-    body: &Buffered,
+    body: ProxyBody,
     downstream: HttpVersion,
     original: SocketAddr,
 ) {
@@ -71,7 +73,6 @@ pub fn spawn(
     );
     let mut copy = out.clone();
     copy.authority = shadow_authority(&out.authority);
-    let body = body.body();
     let proxy = proxy.clone();
     let snap = snap.clone();
     tokio::spawn(async move {

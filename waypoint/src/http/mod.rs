@@ -52,8 +52,8 @@ pub struct ConnCtx {
     pub target: Option<(Arc<Service>, ServicePort)>,
     /// `downstream.peer_identity` rendered once.
     pub principal: String,
-    /// The `source_*` metric labels, looked up once per tunnel.
-    pub source: telemetry::WorkloadLabels,
+    /// The `source_*` metric labels, looked up once per tunnel (shared, not copied, per request).
+    pub source: Arc<telemetry::WorkloadLabels>,
 }
 
 impl ConnCtx {
@@ -63,7 +63,7 @@ impl ConnCtx {
         target: Option<(Arc<Service>, ServicePort)>,
     ) -> Self {
         let principal = downstream.peer_identity.to_string();
-        let source = crate::observe::source_labels(snap, &downstream);
+        let source = Arc::new(crate::observe::source_labels(snap, &downstream));
         ConnCtx {
             downstream,
             target,
@@ -90,7 +90,9 @@ where
     });
     let conn = proxy
         .http_server
-        .serve_connection(TokioIo::new(io), service);
+        // With upgrades: an HTTP/1.1 `Upgrade` (WebSocket) answered 101 by the upstream hands
+        // the tunnel's bytes to the pipeline, which splices them to the upstream connection.
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

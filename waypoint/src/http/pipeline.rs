@@ -12,32 +12,37 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, USER_AGENT};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, UPGRADE, USER_AGENT,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use mesh_config::route::{AbortStatus, HeaderOps, HttpRequestInfo, HttpRoute};
 use mesh_config::{Service, ServicePort, Snapshot};
 use telemetry::ResponseFlag;
 use tracing::debug;
 
-use super::body::{self, BodyEnd, Counted, OnEnd, ProxyBody, RequestBody};
+use super::body::{self, BodyEnd, Counted, Deadline, OnEnd, ProxyBody, RequestBody};
 use super::headers::{self, X_ENVOY_UPSTREAM_SERVICE_TIME, X_FORWARDED_PROTO};
 use super::retry::{Outcome, RetryPlan};
 use super::route::{self, Plan};
 use super::{ConnCtx, authz, mirror};
 use crate::observe::{self, RequestLog};
 use crate::proxy::Proxy;
+use crate::upstream::outlier::Observation;
 use crate::upstream::{Cluster, ClusterRequest, HttpVersion, PooledBody, UpstreamError};
 
 /// Handles one request; never fails (errors become local replies).
 pub async fn handle(
     proxy: &Arc<Proxy>,
     ctx: &ConnCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let snap = proxy.store.current();
@@ -47,6 +52,10 @@ pub async fn handle(
         &ctx.downstream,
         ctx.source.clone(),
     );
+    // An HTTP/1.1 Upgrade (WebSocket): routed like any request; after the upstream's 101 the
+    // bytes are spliced both ways.
+    let upgrade = headers::upgrade_protocol(req.version(), req.headers())
+        .map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (mut parts, incoming) = req.into_parts();
     let body = Counted::new(incoming, log.request_bytes.clone()).boxed_unsync();
 
@@ -263,6 +272,16 @@ pub async fn handle(
     if let Some(ops) = dest_headers {
         ops.request.apply(&mut out.headers);
     }
+    match &upgrade {
+        Some((proto, _)) if cluster.version == HttpVersion::Http1 => {
+            out.headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            out.headers.insert(UPGRADE, proto.clone());
+        }
+        // HTTP/2 upstreams would need extended CONNECT (RFC 8441): the request goes as a plain one.
+        Some(_) => debug!("Upgrade towards an HTTP/2 upstream is not supported; sent without it"),
+        None => {}
+    }
 
     let retry = RetryPlan::from_route(route.and_then(|r| r.retries.as_ref()));
     let mirrors = route.map(|r| r.mirrors.as_slice()).unwrap_or_default();
@@ -286,31 +305,46 @@ pub async fn handle(
         RequestBody::Streaming(body)
     };
 
-    if let RequestBody::Buffered(buffered) = &req_body {
-        for m in mirrors {
-            if fastrand::f64() * 100.0 < m.percentage {
-                mirror::spawn(
-                    proxy,
-                    &snap,
-                    &service,
-                    &port,
-                    &m.destination,
-                    &out,
-                    buffered,
-                    downstream_version,
-                    ctx.downstream.local,
+    let mut req_body = req_body;
+    let sampled: Vec<_> = mirrors
+        .iter()
+        .filter(|m| fastrand::f64() * 100.0 < m.percentage)
+        .collect();
+    if !sampled.is_empty() {
+        let copies = match &mut req_body {
+            RequestBody::Buffered(b) => sampled.iter().map(|_| b.body()).collect(),
+            RequestBody::Streaming(s) => {
+                // Too large to buffer: the mirrors get the frames as the original streams.
+                let (main, copies) = body::tee(
+                    std::mem::replace(s, body::empty()),
+                    sampled.len(),
+                    proxy.max_buffered_body,
                 );
+                *s = main;
+                copies
             }
+        };
+        for (m, copy) in sampled.into_iter().zip(copies) {
+            mirror::spawn(
+                proxy,
+                &snap,
+                &service,
+                &port,
+                &m.destination,
+                &out,
+                copy,
+                downstream_version,
+                ctx.downstream.local,
+            );
         }
-    } else if !mirrors.is_empty() {
-        debug!("request body too large to mirror; mirror skipped");
     }
 
     // Upstream, with retries, inside the route timeout.
     let upstream_start = Instant::now();
     let mut info = TryInfo::default();
     let attempt = forward(proxy, &snap, &cluster, &out, req_body, &retry, &mut info);
-    let result = match route.and_then(|r| r.timeout).filter(|t| !t.is_zero()) {
+    let route_timeout = route.and_then(|r| r.timeout).filter(|t| !t.is_zero());
+    let result = match route_timeout {
         Some(t) => match tokio::time::timeout(t, attempt).await {
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
@@ -318,22 +352,59 @@ pub async fn handle(
         None => attempt.await,
     };
     let upstream_ms = observe::millis(upstream_start.elapsed());
+    // The route timeout (and the last try's per-try timeout) also bound the response body.
+    let body_deadline = [
+        route_timeout.map(|t| upstream_start + t),
+        retry
+            .per_try_timeout
+            .zip(info.started)
+            .map(|(t, started)| started + t),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     log.entry.upstream_host = info.host;
     log.entry.upstream_local_address = info.local;
     if info.retry_limit_hit {
         log.flag(ResponseFlag::UpstreamRetryLimitExceeded);
     }
     match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             log.entry.upstream_service_time = Some(upstream_ms);
             log.entry.response_code_details = Some("via_upstream".into());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some((_, downstream)) = upgrade
+            {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut rparts, _) = resp.into_parts();
+                let proto = rparts.headers.get(UPGRADE).cloned();
+                headers::remove_hop_by_hop(&mut rparts.headers);
+                apply_response_ops(&mut rparts.headers, &response_ops, dest_headers);
+                rparts
+                    .headers
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Some(p) = proto {
+                    rparts.headers.insert(UPGRADE, p);
+                }
+                if let Ok(v) = HeaderValue::from_str(&upstream_ms.to_string()) {
+                    rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
+                }
+                return splice_upgraded(proxy, log, rparts, downstream, upstream);
+            }
             let (mut rparts, rbody) = resp.into_parts();
             headers::remove_hop_by_hop(&mut rparts.headers);
             apply_response_ops(&mut rparts.headers, &response_ops, dest_headers);
             if let Ok(v) = HeaderValue::from_str(&upstream_ms.to_string()) {
                 rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
             }
-            finish(proxy, log, Response::from_parts(rparts, rbody))
+            match body_deadline {
+                Some(deadline) => {
+                    let fired = Arc::new(AtomicBool::new(false));
+                    let rbody = Deadline::new(rbody, deadline.into(), fired.clone());
+                    finish_timed(proxy, log, Response::from_parts(rparts, rbody), fired)
+                }
+                None => finish(proxy, log, Response::from_parts(rparts, rbody)),
+            }
         }
         Err(failure) => {
             let (status, flag, text, details) = failure.reply();
@@ -390,6 +461,80 @@ where
     resp.map(move |b| {
         OnEnd::new(b, move |bytes, how: BodyEnd| log.finish(&p, bytes, how)).boxed_unsync()
     })
+}
+
+/// [`finish`] for a body bounded by a [`Deadline`]: when it fired, the line says `UT` (the
+/// stream was cut on purpose, not by the upstream).
+fn finish_timed<B>(
+    proxy: &Arc<Proxy>,
+    mut log: RequestLog,
+    mut resp: Response<B>,
+    fired: Arc<AtomicBool>,
+) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<body::BoxError>,
+{
+    if let Some(server) = &proxy.server_header {
+        resp.headers_mut().insert(SERVER, server.clone());
+    }
+    log.entry.response_code = resp.status().as_u16();
+    let p = proxy.clone();
+    resp.map(move |b| {
+        OnEnd::new(b, move |bytes, how: BodyEnd| {
+            let how = if fired.load(Ordering::Relaxed) {
+                log.flag(ResponseFlag::UpstreamRequestTimeout);
+                log.entry.response_code_details = Some("response_timeout".into());
+                // Not an upstream failure: keep `UC` off the line.
+                BodyEnd::Complete
+            } else {
+                how
+            };
+            log.finish(&p, bytes, how)
+        })
+        .boxed_unsync()
+    })
+}
+
+/// Answers the upstream's 101 and, once hyper hands both connections over, copies bytes both
+/// ways until either side closes; the access-log line is written then, with the bytes moved
+/// (as Envoy logs an upgraded stream at its end).
+fn splice_upgraded(
+    proxy: &Arc<Proxy>,
+    mut log: RequestLog,
+    mut parts: http::response::Parts,
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) -> Response<ProxyBody> {
+    if let Some(server) = &proxy.server_header {
+        parts.headers.insert(SERVER, server.clone());
+    }
+    log.entry.response_code = parts.status.as_u16();
+    let p = proxy.clone();
+    tokio::spawn(async move {
+        let moved = match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    Ok(moved) => moved,
+                    Err(e) => {
+                        debug!(error = %e, "upgraded stream ended with an error");
+                        log.flag(ResponseFlag::UpstreamConnectionTermination);
+                        (0, 0)
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                log.flag(ResponseFlag::UpstreamConnectionTermination);
+                (0, 0)
+            }
+        };
+        log.request_bytes.fetch_add(moved.0, Ordering::Relaxed);
+        log.finish(&p, moved.1, BodyEnd::Complete);
+    });
+    Response::from_parts(parts, body::empty())
 }
 
 /// A response made by the waypoint itself (Envoy's "local reply").
@@ -604,6 +749,8 @@ impl Failure {
 /// What the tries learned, for the log.
 #[derive(Debug, Default)]
 pub struct TryInfo {
+    /// When the last try started.
+    pub started: Option<Instant>,
     pub host: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub retry_limit_hit: bool,
@@ -629,29 +776,53 @@ pub async fn try_once(
     body: ProxyBody,
     info: &mut TryInfo,
 ) -> Result<Response<PooledBody>, (Failure, bool)> {
+    info.started = Some(Instant::now());
     let addr = proxy
         .upstream
         .pick(snap, cluster)
         .await
         .map_err(|e| (Failure::Upstream(e), false))?;
     info.host = Some(addr);
-    let lease = proxy
+    let lease = match proxy.upstream.checkout(cluster, addr).await {
+        Ok(lease) => lease,
+        Err(e) => {
+            if e.is_connect_failure() {
+                proxy
+                    .upstream
+                    .observe(cluster, addr, Observation::LocalOriginFailure);
+            }
+            return Err((Failure::Upstream(e), false));
+        }
+    };
+    proxy
         .upstream
-        .checkout(cluster, addr)
-        .await
-        .map_err(|e| (Failure::Upstream(e), false))?;
+        .observe(cluster, addr, Observation::LocalOriginSuccess);
     info.local = lease.local_addr();
     let reused = lease.reused();
     let req = out
         .to_request(cluster.version, cluster.tls.is_some(), body)
         .map_err(|e| (Failure::BadRequest(e), false))?;
-    lease.send(req).await.map_err(|error| {
-        // A pooled connection the server had already closed: the request never reached it.
-        let stale =
-            reused && (error.is_canceled() || error.is_incomplete_message() || error.is_closed());
-        let refused = is_refused_stream(&error);
-        (Failure::Send { error, refused }, stale)
-    })
+    match lease.send(req).await {
+        Ok(resp) => {
+            proxy
+                .upstream
+                .observe(cluster, addr, Observation::Status(resp.status().as_u16()));
+            Ok(resp)
+        }
+        Err(error) => {
+            // A pooled connection the server had already closed: the request never reached it
+            // (and says nothing about the host's health).
+            let stale = reused
+                && (error.is_canceled() || error.is_incomplete_message() || error.is_closed());
+            if !stale {
+                proxy
+                    .upstream
+                    .observe(cluster, addr, Observation::LocalOriginFailure);
+            }
+            let refused = is_refused_stream(&error);
+            Err((Failure::Send { error, refused }, stale))
+        }
+    }
 }
 
 /// Tries until a response, a non-retriable failure, or the retry budget is spent.
@@ -680,9 +851,17 @@ async fn forward(
         };
         let attempt = try_once(proxy, snap, cluster, out, body, info);
         let result = match retry.per_try_timeout {
-            Some(t) => tokio::time::timeout(t, attempt)
-                .await
-                .unwrap_or(Err((Failure::Timeout, false))),
+            Some(t) => match tokio::time::timeout(t, attempt).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if let Some(addr) = info.host {
+                        proxy
+                            .upstream
+                            .observe(cluster, addr, Observation::LocalOriginFailure);
+                    }
+                    Err((Failure::Timeout, false))
+                }
+            },
             None => attempt.await,
         };
         let can_retry = replayable && retries_done < retry.retries;

@@ -2,6 +2,7 @@
 //! endpoint selection (DNS or STATIC, round-robin), connection pools and TLS origination.
 
 pub mod endpoints;
+pub mod outlier;
 pub mod pool;
 pub mod resolver;
 pub mod tls;
@@ -116,6 +117,8 @@ pub struct Cluster {
     pub version: HttpVersion,
     pub tls: Option<TlsSpec>,
     pub limits: PoolLimits,
+    /// DestinationRule `outlierDetection`.
+    pub outlier: Option<mesh_config::policy::OutlierDetection>,
 }
 
 /// Istio's cluster name. Services bound to this waypoint are its `inbound-vip` clusters (with
@@ -192,6 +195,8 @@ pub fn build_cluster(
         service.hostname.clone()
     };
     let alpn: &[&[u8]] = match version {
+        // An opaque TCP stream wrapped in TLS: no application protocol to announce.
+        _ if !sp.protocol.is_http() => &[],
         HttpVersion::Http2 => &[tls::ALPN_H2],
         HttpVersion::Http1 => &[tls::ALPN_HTTP11],
     };
@@ -205,6 +210,7 @@ pub fn build_cluster(
             .tls
             .and_then(|t| TlsSpec::from_client_tls(t, &host, alpn)),
         limits: PoolLimits::from_settings(traffic.connection_pool, version),
+        outlier: traffic.outlier_detection.cloned(),
         host,
         service: service.clone(),
         port: sp.clone(),
@@ -292,6 +298,8 @@ pub struct Upstream {
     pub clusters: ClusterCache,
     /// Round-robin position per cluster name.
     next: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Outlier state per cluster name (clusters with `outlierDetection` only).
+    outliers: Mutex<HashMap<String, outlier::Detector>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -308,6 +316,7 @@ impl Upstream {
             pools: Pools::new(),
             clusters: ClusterCache::default(),
             next: Mutex::new(HashMap::new()),
+            outliers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -316,8 +325,59 @@ impl Upstream {
     }
 
     /// The next endpoint of `cluster`: round-robin over its endpoints, and over DNS answers
-    /// within a name.
+    /// within a name, skipping hosts that outlier detection ejected.
     pub async fn pick(
+        &self,
+        snap: &Snapshot,
+        cluster: &Cluster,
+    ) -> Result<SocketAddr, UpstreamError> {
+        let Some(od) = &cluster.outlier else {
+            return self.pick_any(snap, cluster).await;
+        };
+        // Every endpoint once, a few more for names with several addresses.
+        let tries = (cluster.endpoints.len() * 2).clamp(2, 16);
+        for _ in 0..tries {
+            let addr = self.pick_any(snap, cluster).await?;
+            let skip = self
+                .outliers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&cluster.name)
+                .is_some_and(|d| {
+                    d.skips(od, addr, cluster.endpoints.len(), std::time::Instant::now())
+                });
+            if !skip {
+                return Ok(addr);
+            }
+        }
+        Err(UpstreamError::NoHealthyUpstream(format!(
+            "every endpoint of {} is ejected by outlier detection",
+            cluster.name
+        )))
+    }
+
+    /// Tells outlier detection how a try on `addr` went (no-op without `outlierDetection`).
+    pub fn observe(&self, cluster: &Cluster, addr: SocketAddr, obs: outlier::Observation) {
+        let Some(od) = &cluster.outlier else { return };
+        let mut outliers = self.outliers.lock().unwrap_or_else(PoisonError::into_inner);
+        let detector = match outliers.get_mut(&cluster.name) {
+            Some(d) => d,
+            None => outliers.entry(cluster.name.clone()).or_default(),
+        };
+        let ejected = detector.record(
+            od,
+            addr,
+            obs,
+            cluster.endpoints.len(),
+            std::time::Instant::now(),
+        );
+        if ejected {
+            tracing::info!(cluster = %cluster.name, %addr, "endpoint ejected by outlier detection");
+        }
+    }
+
+    /// Round-robin without outlier detection.
+    async fn pick_any(
         &self,
         snap: &Snapshot,
         cluster: &Cluster,
@@ -367,6 +427,30 @@ impl Upstream {
             limits: cluster.limits,
         };
         self.pools.checkout(&key).await
+    }
+
+    /// An L4 connection for `cluster`: TCP, wrapped in TLS when the cluster originates it
+    /// (DestinationRule `tls` on a TCP port).
+    pub async fn connect_l4(
+        &self,
+        cluster: &Cluster,
+        addr: SocketAddr,
+    ) -> Result<pool::Stream, UpstreamError> {
+        let timeout = cluster.limits.connect_timeout;
+        let Some(spec) = &cluster.tls else {
+            return Ok(pool::Stream::Plain(pool::connect_tcp(addr, timeout).await?));
+        };
+        let config = self
+            .pools
+            .tls()
+            .config(spec)
+            .map_err(|error| UpstreamError::Tls { addr, error })?;
+        let tcp = pool::connect_tcp(addr, timeout).await?;
+        match tokio::time::timeout(timeout, tls::handshake(config, &spec.sni, tcp)).await {
+            Ok(Ok(stream)) => Ok(pool::Stream::Tls(Box::new(stream))),
+            Ok(Err(error)) => Err(UpstreamError::Tls { addr, error }),
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
+        }
     }
 
     /// A plain TCP connection (L4 forwarding).

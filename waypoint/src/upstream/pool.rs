@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,11 +27,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::UpstreamError;
 use super::tls::{self, TlsCache, TlsSpec};
@@ -171,9 +171,31 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Opens a TCP connection with `timeout`, `TCP_NODELAY` on.
+/// Istio's mark on a proxy's own sockets (1337). In-pod capture rules let marked packets through,
+/// so a waypoint running in a captured network namespace is not redirected back into the mesh.
+pub const SOCKET_MARK: u32 = 0x539;
+
+/// Marks `socket` with [`SOCKET_MARK`]. Needs CAP_NET_ADMIN; without it the connection still
+/// works (only capture bypass is lost), so that is said once and not treated as an error.
+fn mark(socket: &TcpSocket) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if let Err(e) = socket2::SockRef::from(socket).set_mark(SOCKET_MARK)
+        && !WARNED.swap(true, Ordering::Relaxed)
+    {
+        warn!(error = %e, mark = SOCKET_MARK, "cannot mark upstream sockets (needs CAP_NET_ADMIN); a capturing ztunnel in this namespace would redirect them");
+    }
+}
+
+/// Opens a TCP connection with `timeout`, `TCP_NODELAY` on, marked with [`SOCKET_MARK`].
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|source| UpstreamError::Connect { addr, source })?;
+    mark(&socket);
+    let tcp = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
         Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
@@ -395,7 +417,8 @@ impl Pools {
                     })?;
                 let addr = key.addr;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // With upgrades, a 101 hands the connection to `hyper::upgrade::on`.
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended with an error");
                     }
                 });
@@ -534,6 +557,13 @@ impl Lease {
             Sender::H1(mut sender) => {
                 sender.ready().await?;
                 let resp = sender.send_request(req).await?;
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection now carries the upgraded stream: never pooled again.
+                    return Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        release: None,
+                    }));
+                }
                 let release = Release::H1 {
                     idle: Idle {
                         sender,
@@ -754,6 +784,23 @@ mod tests {
         let resp = lease.send(get()).await.expect("send");
         let _ = resp.into_body().collect().await.expect("body");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_carry_the_mark() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let tcp = connect_tcp(addr, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let can_mark = nix::unistd::Uid::effective().is_root();
+        let got = socket2::SockRef::from(&tcp).mark().expect("SO_MARK");
+        if can_mark {
+            assert_eq!(got, SOCKET_MARK);
+        } else {
+            // Unprivileged: the mark cannot be set, the connection works all the same.
+            assert_eq!(got, 0);
+        }
     }
 
     #[test]
