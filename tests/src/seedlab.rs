@@ -1336,6 +1336,9 @@ impl SeedLab {
                 config_dir.display().to_string(),
                 "--ca-dir".into(),
                 ca_dir.display().to_string(),
+                // The capture ledger lives and dies with the lab, not in /run.
+                "--state-dir".into(),
+                root.path().join("ztunnel-state").display().to_string(),
                 "--dns-upstream".into(),
                 format!("{DNS_IP}:53"),
                 "--admin".into(),

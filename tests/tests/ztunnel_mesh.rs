@@ -46,14 +46,16 @@ struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn start(node: &str, config: &Path, ca: &Path) -> Result<Self> {
+    fn start(node: &str, config: &Path, ca: &Path, state: &Path) -> Result<Self> {
         let [admin, metrics, readiness] = free_ports()?;
         let mut command = Command::new(workspace_bin("ztunnel")?);
         command
             .args(["--node", node, "--config-dir"])
             .arg(config)
             .arg("--ca-dir")
-            .arg(ca);
+            .arg(ca)
+            .arg("--state-dir")
+            .arg(state);
         command.args([
             "--dns-upstream",
             &format!("{WEB}:53"),
@@ -302,6 +304,8 @@ struct MeshLab {
     config: tempfile::TempDir,
     ca_dir: tempfile::TempDir,
     ca: Arc<certs::CertificateAuthority>,
+    /// The ztunnels' capture ledgers (one file per node).
+    state: tempfile::TempDir,
     _services: Vec<Nginx>,
     _dns: ChildGuard,
 }
@@ -362,6 +366,7 @@ impl MeshLab {
             config,
             ca_dir,
             ca,
+            state: tempfile::tempdir()?,
             _services: services,
             _dns: dns,
         };
@@ -436,8 +441,22 @@ async fn ztunnel_carries_pod_traffic_over_hbone() -> Result<()> {
     }
     let lab = blocking(MeshLab::new)?;
     let (seen, _stop_waypoint) = start_waypoint(&lab.waypoint, &lab.ca).await?;
-    let mut node1 = blocking(|| Ztunnel::start("node-1", &lab.config_dir(), lab.ca_dir.path()))?;
-    let mut node2 = blocking(|| Ztunnel::start("node-2", &lab.config_dir(), lab.ca_dir.path()))?;
+    let mut node1 = blocking(|| {
+        Ztunnel::start(
+            "node-1",
+            &lab.config_dir(),
+            lab.ca_dir.path(),
+            lab.state.path(),
+        )
+    })?;
+    let mut node2 = blocking(|| {
+        Ztunnel::start(
+            "node-2",
+            &lab.config_dir(),
+            lab.ca_dir.path(),
+            lab.state.path(),
+        )
+    })?;
     blocking(|| -> Result<()> {
         node1
             .child
@@ -678,7 +697,14 @@ async fn ztunnel_carries_pod_traffic_over_hbone() -> Result<()> {
     // 8. Restart: rules are re-installed without duplicates; SIGTERM drains and exits cleanly.
     let status = blocking(|| node2.child.stop())?;
     ensure!(status.success(), "ztunnel node-2 exit: {status}");
-    let node2 = blocking(|| Ztunnel::start("node-2", &lab.config_dir(), lab.ca_dir.path()))?;
+    let node2 = blocking(|| {
+        Ztunnel::start(
+            "node-2",
+            &lab.config_dir(),
+            lab.ca_dir.path(),
+            lab.state.path(),
+        )
+    })?;
     let mut node2 = node2;
     blocking(|| node2.child.wait_for_log("serving pod default/remote", WAIT))?;
     let rules = blocking(|| strait_rules(&lab.remote))?;

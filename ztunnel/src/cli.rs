@@ -38,6 +38,14 @@ pub struct RunArgs {
     /// Mesh configuration directory, watched for changes. Default: the embedded default mesh.
     #[arg(long)]
     pub config_dir: Option<PathBuf>,
+    /// Where the mesh configuration comes from: `dir` (--config-dir or the embedded default)
+    /// or `kube` (the Kubernetes API: in-cluster config or KUBECONFIG).
+    #[arg(long, env = "STRAIT_CONFIG_SOURCE", default_value = "dir")]
+    pub config_source: kube_source::ConfigSource,
+    /// The host's /proc, where pods' network namespaces are found with `--config-source kube`
+    /// (needs hostPID and CAP_SYS_PTRACE).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// Directory with the mesh CA (ca-cert.pem, ca-key.pem; root-cert.pem is used as the trust
     /// bundle when present). Default: a throw-away CA, which only suits a single node.
     #[arg(long)]
@@ -72,6 +80,10 @@ pub struct RunArgs {
     /// Lifetime of the workload certificates (renewed at half-life).
     #[arg(long, default_value_t = 24 * 3600)]
     pub cert_ttl_seconds: u64,
+    /// Where ztunnel records the namespaces it installed capture rules in (`<node>.json`), so
+    /// that pods removed while it was down are cleaned at the next start.
+    #[arg(long, default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 }
 
 impl RunArgs {
@@ -92,6 +104,9 @@ impl RunArgs {
             readiness_addr: self.readiness,
             drain: Duration::from_secs(self.drain_seconds),
             cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
+            state_dir: self.state_dir.clone(),
+            config_source: self.config_source,
+            proc_root: self.proc_root.clone(),
         })
     }
 }
@@ -121,6 +136,7 @@ mod tests {
         assert_eq!(s.admin_addr, "127.0.0.1:25000".parse().expect("addr"));
         assert_eq!(s.metrics_addr, "127.0.0.1:15020".parse().expect("addr"));
         assert_eq!(s.drain, Duration::from_secs(3));
+        assert_eq!(s.state_dir, PathBuf::from("/run/strait/ztunnel"));
     }
 
     #[test]

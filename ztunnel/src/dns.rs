@@ -8,7 +8,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use dns_proxy::{DnsProxy, NameTable, PodDnsContext, UpstreamSocketFactory, Upstreams};
+use dns_proxy::{
+    AsyncUpstreamSocketFactory, DnsProxy, NameTable, PodDnsContext, SocketFuture, Upstreams,
+};
 use inpod::NetnsHandle;
 use mesh_config::ConfigStore;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -38,7 +40,8 @@ impl NameTable for SnapshotNames {
     }
 }
 
-/// Upstream DNS sockets inside a pod's namespace, marked so they leave unredirected.
+/// Upstream DNS sockets inside a pod's namespace, marked so they leave unredirected. Created
+/// on the namespace's thread and awaited, so a Tokio worker never blocks on that hop.
 pub struct NetnsSockets {
     netns: NetnsHandle,
     mark: u32,
@@ -49,30 +52,54 @@ impl NetnsSockets {
         NetnsSockets { netns, mark }
     }
 
-    fn socket(&self, addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    /// A non-blocking, marked socket of `addr`'s family, made in the namespace; `bind` is
+    /// bound there too.
+    async fn socket(
+        &self,
+        addr: SocketAddr,
+        ty: Type,
+        protocol: Protocol,
+        bind: Option<SocketAddr>,
+    ) -> io::Result<Socket> {
         let mark = self.mark;
         self.netns
-            .run_blocking(move || -> io::Result<Socket> {
+            .run(move || -> io::Result<Socket> {
                 let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
                 socket.set_mark(mark)?;
                 socket.set_nonblocking(true)?;
+                if let Some(local) = bind {
+                    socket.bind(&local.into())?;
+                }
                 Ok(socket)
             })
+            .await
             .map_err(io::Error::other)?
     }
 }
 
-impl UpstreamSocketFactory for NetnsSockets {
-    fn udp_bind(&self, local: SocketAddr) -> io::Result<std::net::UdpSocket> {
-        let socket = self.socket(local, Type::DGRAM, Protocol::UDP)?;
-        socket.bind(&local.into())?;
-        Ok(socket.into())
+impl AsyncUpstreamSocketFactory for NetnsSockets {
+    fn udp_bind_async(&self, local: SocketAddr) -> SocketFuture<'_, std::net::UdpSocket> {
+        Box::pin(async move {
+            let socket = self
+                .socket(local, Type::DGRAM, Protocol::UDP, Some(local))
+                .await?;
+            Ok(socket.into())
+        })
     }
 
-    fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.socket(peer, Type::STREAM, Protocol::TCP)?;
-        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    fn tcp_socket_async(&self, peer: SocketAddr) -> SocketFuture<'_, tokio::net::TcpSocket> {
+        Box::pin(async move {
+            let socket = self.socket(peer, Type::STREAM, Protocol::TCP, None).await?;
+            Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+        })
     }
+}
+
+/// The pod's upstream resolvers, reached through marked sockets in its namespace: what the DNS
+/// proxy forwards to, and what ztunnel resolves ServiceEntry hosts with.
+pub(crate) fn upstreams(netns: &NetnsHandle, servers: Vec<SocketAddr>) -> Upstreams {
+    Upstreams::new(servers)
+        .with_async_socket_factory(Arc::new(NetnsSockets::new(netns.clone(), MARK)))
 }
 
 /// The DNS sockets of one pod.
@@ -109,8 +136,7 @@ pub(crate) async fn bind(netns: &NetnsHandle) -> Result<DnsListeners, PodError> 
 /// an IPv6 address (a v4-only pod must never be handed a v6 VIP).
 pub(crate) fn proxy(ctx: &PodCtx) -> Result<DnsProxy, dns_proxy::Error> {
     let shared = &ctx.shared;
-    let upstreams = Upstreams::new(shared.dns_upstreams.clone())
-        .with_socket_factory(Arc::new(NetnsSockets::new(ctx.netns.clone(), MARK)));
+    let upstreams = upstreams(&ctx.netns, shared.dns_upstreams.clone());
     let dns_ctx = PodDnsContext::new(ctx.name.namespace.clone())
         .with_search_domains(shared.dns_search.clone())
         .with_ipv6(ctx.ips.iter().any(IpAddr::is_ipv6));

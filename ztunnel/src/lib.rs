@@ -13,7 +13,8 @@
 //!
 //! Its own upstream sockets are created in the pod's namespace with mark 0x539, which the rules
 //! let through. Pods come and go with configuration reloads ([`pods`]); each served identity
-//! gets its certificate from [`identity`]; [`metrics`] and [`admin`] expose Istio's telemetry.
+//! gets its certificate from [`identity`]; [`metrics`] and [`admin`] expose Istio's telemetry;
+//! [`state`] remembers which namespaces got capture rules, so none leak across restarts.
 //!
 //! The binary (`src/main.rs`) only parses flags and calls [`run`].
 
@@ -28,6 +29,7 @@ pub mod outbound;
 pub mod pods;
 mod proxy;
 mod resolve;
+pub mod state;
 
 pub use cli::{Args, Command, RunArgs};
 pub use outbound::{DenyReason, Forward, OutboundAction, Upstream, Via, decide_outbound};

@@ -36,11 +36,121 @@ impl Telemetry {
     }
 }
 
-/// `source_*` / `destination_*` labels of a workload, following Istio's label conventions
-/// (canonical service from `service.istio.io/canonical-name`, then `app.kubernetes.io/name`,
-/// then `app`; revision likewise from version labels, `latest` when none).
+/// Label that names a pod's workload outright (Istio's `service.istio.io/workload-name`).
+const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+/// Label Deployments put on their pods; their ReplicaSet is `<deployment>-<hash>`.
+const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// The same for Argo Rollouts.
+const ROLLOUTS_POD_TEMPLATE_HASH: &str = "rollouts-pod-template-hash";
+
+/// The workload a pod belongs to: its name and kind (`Deployment`, `StatefulSet`, …, `Pod`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    pub name: String,
+    pub kind: String,
+}
+
+/// Names a pod's workload the way Istio does (`GetWorkloadMetaFromPod`), so that
+/// `source_workload` / `destination_workload` group replicas the same way:
+///
+/// 1. the `service.istio.io/workload-name` label, when set;
+/// 2. for a pod with a generated name, its controller: a ReplicaSet `<name>-<pod-template-hash>`
+///    is Deployment `<name>` (likewise Argo Rollouts), a ReplicationController with a
+///    `deploymentconfig` label is that DeploymentConfig, a Job `<name>-<8 to 10 digits>` is
+///    CronJob `<name>`, any other controller names the workload itself;
+/// 3. otherwise the pod's own name (StatefulSet pods, bare pods).
+///
+/// Beyond Istio, for configuration written by hand without `ownerReferences`: a generated name
+/// without a controller gives its `generateName` prefix, and a pod named
+/// `<name>-<pod-template-hash>-<suffix>` gives Deployment `<name>`. Istio would report such pods
+/// by their pod name, splitting one workload into one series per replica.
+pub fn workload_meta(w: &Workload) -> WorkloadMeta {
+    let meta = derive_workload(w);
+    match w.labels.get(WORKLOAD_NAME_LABEL).filter(|n| !n.is_empty()) {
+        Some(name) => WorkloadMeta {
+            name: name.clone(),
+            ..meta
+        },
+        None => meta,
+    }
+}
+
+fn derive_workload(w: &Workload) -> WorkloadMeta {
+    let pod = &w.name.name;
+    let meta = |name: &str, kind: &str| WorkloadMeta {
+        name: if name.is_empty() {
+            pod.clone()
+        } else {
+            name.to_owned()
+        },
+        kind: kind.to_owned(),
+    };
+    let label = |key: &str| {
+        w.labels
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    // "<name>-<hash>" → "<name>", when the hash really is the suffix.
+    let trim_hash = |owner: &str, hash: &str| {
+        owner
+            .strip_suffix(hash)
+            .and_then(|rest| rest.strip_suffix('-'))
+            .map(str::to_owned)
+    };
+    if let (Some(_), Some(ctl)) = (&w.generate_name, &w.controller) {
+        return match ctl.kind.as_str() {
+            "ReplicaSet" => {
+                if let Some(name) = label(POD_TEMPLATE_HASH).and_then(|h| trim_hash(&ctl.name, h)) {
+                    meta(&name, "Deployment")
+                } else if let Some(name) =
+                    label(ROLLOUTS_POD_TEMPLATE_HASH).and_then(|h| trim_hash(&ctl.name, h))
+                {
+                    meta(&name, "Rollout")
+                } else {
+                    meta(&ctl.name, "ReplicaSet")
+                }
+            }
+            "ReplicationController" => match label("deploymentconfig") {
+                Some(dc) => meta(dc, "DeploymentConfig"),
+                None => meta(&ctl.name, &ctl.kind),
+            },
+            "Job" => match cron_job_name(&ctl.name) {
+                Some(name) => meta(name, "CronJob"),
+                None => meta(&ctl.name, "Job"),
+            },
+            kind => meta(&ctl.name, kind),
+        };
+    }
+    if let Some(prefix) = w.generate_name.as_deref() {
+        let prefix = prefix.trim_end_matches('-');
+        if !prefix.is_empty() {
+            return meta(prefix, "Pod");
+        }
+    }
+    if let Some(hash) = label(POD_TEMPLATE_HASH)
+        && let Some((name, _suffix)) = pod.split_once(&format!("-{hash}-"))
+        && !name.is_empty()
+    {
+        return meta(name, "Deployment");
+    }
+    meta(pod, "Pod")
+}
+
+/// `<name>` of a Job `<name>-<8 to 10 digits>` (the scheduled time a CronJob appends).
+fn cron_job_name(job: &str) -> Option<&str> {
+    let (name, stamp) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+    (digits && !name.is_empty()).then_some(name)
+}
+
+/// `source_*` / `destination_*` labels of a workload, following Istio's label conventions:
+/// workload from [`workload_meta`]; canonical service from `service.istio.io/canonical-name`,
+/// then `app.kubernetes.io/name`, then `app`, else the workload name; revision likewise from
+/// version labels, `latest` when none.
 pub fn workload_labels(w: &Workload) -> WorkloadLabels {
     let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+    let workload = workload_meta(w).name;
     let app = label(&["app", "app.kubernetes.io/name"]).unwrap_or_default();
     let version = label(&["version", "app.kubernetes.io/version"]).unwrap_or_default();
     let canonical_service = label(&[
@@ -48,7 +158,7 @@ pub fn workload_labels(w: &Workload) -> WorkloadLabels {
         "app.kubernetes.io/name",
         "app",
     ])
-    .unwrap_or_else(|| w.name.name.clone());
+    .unwrap_or_else(|| workload.clone());
     let canonical_revision = label(&[
         "service.istio.io/canonical-revision",
         "app.kubernetes.io/version",
@@ -56,7 +166,7 @@ pub fn workload_labels(w: &Workload) -> WorkloadLabels {
     ])
     .unwrap_or_else(|| "latest".to_owned());
     WorkloadLabels {
-        workload: w.name.name.clone(),
+        workload,
         namespace: w.name.namespace.clone(),
         principal: w.identity.to_string(),
         app,
@@ -247,6 +357,211 @@ status: {podIP: 10.0.0.5}
             principal_labels("spiffe://cluster.local/ns/a/sa/b").namespace,
             "a"
         );
+    }
+
+    /// One pod per case: name, generateName, controller (kind, name), labels.
+    fn pod(
+        name: &str,
+        generate_name: Option<&str>,
+        controller: Option<(&str, &str)>,
+        labels: &[(&str, &str)],
+    ) -> Workload {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\nstatus: {{podIP: 10.0.0.5}}\n"
+        );
+        let snap = mesh_config::load_sources([("pod.yaml", yaml.as_str())]).expect("compiles");
+        let mut w = snap
+            .workload_by_ip("10.0.0.5".parse().expect("ip"))
+            .expect("pod")
+            .as_ref()
+            .clone();
+        w.generate_name = generate_name.map(str::to_owned);
+        w.controller = controller.map(|(kind, name)| mesh_config::Controller {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+        });
+        w.labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        w
+    }
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let hash = [("pod-template-hash", "7d4b9c8f6")];
+        let cases: &[(&str, Workload, &str, &str)] = &[
+            (
+                "deployment: ReplicaSet name minus the template hash",
+                pod(
+                    "web-7d4b9c8f6-x2x4z",
+                    Some("web-7d4b9c8f6-"),
+                    Some(("ReplicaSet", "web-7d4b9c8f6")),
+                    &hash,
+                ),
+                "web",
+                "Deployment",
+            ),
+            (
+                "ReplicaSet whose name does not end with the hash",
+                pod("rs-abcde", Some("rs-"), Some(("ReplicaSet", "rs")), &hash),
+                "rs",
+                "ReplicaSet",
+            ),
+            (
+                "bare ReplicaSet",
+                pod("rs-abcde", Some("rs-"), Some(("ReplicaSet", "rs")), &[]),
+                "rs",
+                "ReplicaSet",
+            ),
+            (
+                "Argo Rollout",
+                pod(
+                    "ro-5f6d-abcde",
+                    Some("ro-5f6d-"),
+                    Some(("ReplicaSet", "ro-5f6d")),
+                    &[("rollouts-pod-template-hash", "5f6d")],
+                ),
+                "ro",
+                "Rollout",
+            ),
+            (
+                "DeploymentConfig",
+                pod(
+                    "dc-1-abcde",
+                    Some("dc-1-"),
+                    Some(("ReplicationController", "dc-1")),
+                    &[("deploymentconfig", "dc")],
+                ),
+                "dc",
+                "DeploymentConfig",
+            ),
+            (
+                "CronJob: Job name minus the schedule stamp",
+                pod(
+                    "backup-28000000-abcde",
+                    Some("backup-28000000-"),
+                    Some(("Job", "backup-28000000")),
+                    &[],
+                ),
+                "backup",
+                "CronJob",
+            ),
+            (
+                "plain Job",
+                pod("once-abcde", Some("once-"), Some(("Job", "once")), &[]),
+                "once",
+                "Job",
+            ),
+            (
+                "DaemonSet",
+                pod(
+                    "agent-abcde",
+                    Some("agent-"),
+                    Some(("DaemonSet", "agent")),
+                    &[],
+                ),
+                "agent",
+                "DaemonSet",
+            ),
+            (
+                "StatefulSet pods have no generated name: the pod name",
+                pod("db-0", None, Some(("StatefulSet", "db")), &[]),
+                "db-0",
+                "Pod",
+            ),
+            (
+                "generated name without a controller: the prefix",
+                pod("batch-x7k2p", Some("batch-"), None, &[]),
+                "batch",
+                "Pod",
+            ),
+            (
+                "hand-written deployment pod without owner: name minus hash and suffix",
+                pod("web-7d4b9c8f6-x2x4z", None, None, &hash),
+                "web",
+                "Deployment",
+            ),
+            (
+                "hash label that is not in the name",
+                pod("web-0", None, None, &hash),
+                "web-0",
+                "Pod",
+            ),
+            ("bare pod", pod("sleep", None, None, &[]), "sleep", "Pod"),
+            (
+                "workload-name label wins",
+                pod(
+                    "web-7d4b9c8f6-x2x4z",
+                    Some("web-7d4b9c8f6-"),
+                    Some(("ReplicaSet", "web-7d4b9c8f6")),
+                    &[
+                        ("pod-template-hash", "7d4b9c8f6"),
+                        ("service.istio.io/workload-name", "storefront"),
+                    ],
+                ),
+                "storefront",
+                "Deployment",
+            ),
+        ];
+        for (what, w, name, kind) in cases {
+            let got = workload_meta(w);
+            assert_eq!(
+                (got.name.as_str(), got.kind.as_str()),
+                (*name, *kind),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_service_falls_back_to_the_workload_name() {
+        let hash = [("pod-template-hash", "7d4b9c8f6")];
+        /// What, extra labels, canonical service, canonical revision.
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case<'_>] = &[
+            ("no app labels: the workload", &[], "web", "latest"),
+            ("app", &[("app", "shop"), ("version", "v1")], "shop", "v1"),
+            (
+                "app.kubernetes.io/name beats app",
+                &[
+                    ("app", "a"),
+                    ("app.kubernetes.io/name", "b"),
+                    ("app.kubernetes.io/version", "2"),
+                ],
+                "b",
+                "2",
+            ),
+            (
+                "canonical labels beat both",
+                &[
+                    ("app", "a"),
+                    ("app.kubernetes.io/name", "b"),
+                    ("service.istio.io/canonical-name", "c"),
+                    ("service.istio.io/canonical-revision", "r"),
+                    ("version", "v"),
+                ],
+                "c",
+                "r",
+            ),
+        ];
+        for (what, extra, service, revision) in cases {
+            let labels: Vec<(&str, &str)> = hash.iter().chain(extra.iter()).copied().collect();
+            let w = pod(
+                "web-7d4b9c8f6-x2x4z",
+                Some("web-7d4b9c8f6-"),
+                Some(("ReplicaSet", "web-7d4b9c8f6")),
+                &labels,
+            );
+            let l = workload_labels(&w);
+            assert_eq!(l.workload, "web", "{what}");
+            assert_eq!(
+                (l.canonical_service.as_str(), l.canonical_revision.as_str()),
+                (*service, *revision),
+                "{what}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -6,11 +6,13 @@
 //! to a port nobody listens on would reset the pod's connections) and the rules are removed
 //! right after the listeners close. On ztunnel shutdown the rules stay: a pod whose ztunnel is
 //! restarting gets resets rather than unproxied (unauthorised) traffic, and the next ztunnel
-//! re-installs them idempotently, without duplicates.
+//! re-installs them idempotently, without duplicates. Every namespace that gets rules is
+//! recorded in the [`crate::state`] ledger first, so that a pod which left the configuration
+//! while ztunnel was down is cleaned at the next start ([`PodManager::sweep_stale`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,6 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::identity::spiffe;
 use crate::outbound::is_captured;
 use crate::proxy::Shared;
+use crate::state::{Entry, StateStore};
 use crate::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK, OUTBOUND_PORT};
 
 /// What a served pod depends on; a change of anything but `capture` restarts it.
@@ -268,15 +271,39 @@ pub(crate) struct PodManager {
     /// Pods that could not be started, with why; retried on every resync.
     failed: BTreeMap<NamespacedName, (PodSpec, String)>,
     status: Arc<Mutex<Vec<PodStatus>>>,
+    /// The namespaces that have our rules, across restarts.
+    state: StateStore,
 }
 
 impl PodManager {
-    pub fn new(shared: Arc<Shared>, status: Arc<Mutex<Vec<PodStatus>>>) -> Self {
+    pub fn new(shared: Arc<Shared>, status: Arc<Mutex<Vec<PodStatus>>>, state: StateStore) -> Self {
         PodManager {
             shared,
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
             status,
+            state,
+        }
+    }
+
+    /// Removes our rules from every namespace in the ledger that `snap` no longer serves: pods
+    /// that left the configuration while no ztunnel was running. Call before the first
+    /// [`reconcile`](Self::reconcile).
+    pub async fn sweep_stale(&mut self, snap: &Snapshot) {
+        let served: BTreeSet<PathBuf> = desired_pods(snap, &self.shared.node)
+            .into_values()
+            .map(|spec| spec.netns)
+            .collect();
+        let stale: Vec<(PathBuf, Entry)> = self
+            .state
+            .ledger()
+            .stale(&served)
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        for (path, entry) in stale {
+            if sweep_one(&path, &entry).await {
+                self.state.forget(&path);
+            }
         }
     }
 
@@ -310,7 +337,10 @@ impl PodManager {
         }
         for name in &plan.restart {
             if let Some(pod) = self.running.remove(name) {
-                self.stop_pod(pod, false).await;
+                // Same namespace: the new start re-installs in place. A new one: the old
+                // namespace must not keep redirecting to listeners that are gone.
+                let moved = desired.get(name).is_none_or(|d| d.netns != pod.spec.netns);
+                self.stop_pod(pod, moved).await;
             }
         }
         for name in &plan.update_rules {
@@ -356,7 +386,7 @@ impl PodManager {
 
     async fn start(&mut self, spec: PodSpec, workload: Arc<Workload>) {
         let name = spec.name.clone();
-        match start_pod(self.shared.clone(), spec.clone(), workload).await {
+        match start_pod(self.shared.clone(), spec.clone(), workload, &mut self.state).await {
             Ok(pod) => {
                 self.failed.remove(&name);
                 self.running.insert(name, pod);
@@ -375,7 +405,7 @@ impl PodManager {
 
     /// Stops accepting, optionally removes the rules, and leaves live connections the drain
     /// period (in the background) before resetting them.
-    async fn stop_pod(&self, pod: RunningPod, remove_rules: bool) {
+    async fn stop_pod(&mut self, pod: RunningPod, remove_rules: bool) {
         let name = pod.spec.name.clone();
         pod.ctx.stop.cancel();
         for listener in pod.listeners {
@@ -383,8 +413,11 @@ impl PodManager {
         }
         if remove_rules {
             match inpod::remove_rules(&pod.ctx.netns, &pod.families).await {
-                Ok(()) => info!(pod = %name, "capture rules removed"),
-                // The namespace may be gone with the pod: nothing left to clean.
+                Ok(()) => {
+                    info!(pod = %name, "capture rules removed");
+                    self.state.forget(&pod.spec.netns);
+                }
+                // Kept in the ledger: the next start tries again.
                 Err(error) => warn!(pod = %name, %error, "removing capture rules failed"),
             }
         }
@@ -459,6 +492,37 @@ async fn drain_connections(ctx: Arc<PodCtx>, drain: Duration) {
     }
 }
 
+/// Removes the rules of a ledger entry. `true` when the entry can be forgotten: rules removed,
+/// namespace gone, or the path now names another namespace (ours died with the old one).
+async fn sweep_one(path: &Path, entry: &Entry) -> bool {
+    let open = path.to_owned();
+    let netns = match tokio::task::spawn_blocking(move || NetnsHandle::open(&open)).await {
+        Ok(Ok(netns)) => netns,
+        Ok(Err(error)) => {
+            info!(netns = %path.display(), pod = %entry.pod, %error, "stale capture entry: namespace gone");
+            return true;
+        }
+        Err(error) => {
+            warn!(netns = %path.display(), %error, "opening a stale namespace failed");
+            return false;
+        }
+    };
+    if netns.id() != entry.netns_id() {
+        info!(netns = %path.display(), pod = %entry.pod, "stale capture entry: the path names another namespace now; left alone");
+        return true;
+    }
+    match inpod::remove_rules(&netns, &entry.ip_families()).await {
+        Ok(()) => {
+            info!(netns = %path.display(), pod = %entry.pod, "removed the capture rules of a pod no longer served");
+            true
+        }
+        Err(error) => {
+            warn!(netns = %path.display(), pod = %entry.pod, %error, "removing stale capture rules failed; will retry at next start");
+            false
+        }
+    }
+}
+
 /// A TCP listener on `port` of every address in the pod: dual-stack `[::]` when the namespace
 /// has IPv6, else `0.0.0.0`.
 async fn listen_any(netns: &NetnsHandle, port: u16) -> Result<TcpListener, PodError> {
@@ -481,6 +545,7 @@ async fn start_pod(
     shared: Arc<Shared>,
     spec: PodSpec,
     workload: Arc<Workload>,
+    state: &mut StateStore,
 ) -> Result<RunningPod, PodError> {
     let span = info_span!("pod", pod = %spec.name);
     async move {
@@ -526,7 +591,10 @@ async fn start_pod(
             tokio::spawn(crate::dns::serve(ctx.clone(), dns_proxy, dns).instrument(here.clone())),
         ];
 
-        // Rules last: by now every port they redirect to has a listener.
+        // Rules last: by now every port they redirect to has a listener. Recorded before they
+        // go in, so that a crash in between cannot leak them.
+        let pod_name = spec.name.to_string();
+        state.record(&spec.netns, Entry::new(pod_name.clone(), netns.id(), &IpFamily::ALL));
         let families = match install(&netns, &spec.capture).await {
             Ok(families) => families,
             Err(e) => {
@@ -534,9 +602,14 @@ async fn start_pod(
                 for l in listeners {
                     let _ = l.await;
                 }
+                // Whatever half got in goes again; if even that fails the ledger keeps it.
+                if inpod::remove_rules(&netns, &IpFamily::ALL).await.is_ok() {
+                    state.forget(&spec.netns);
+                }
                 return Err(e);
             }
         };
+        state.record(&spec.netns, Entry::new(pod_name, netns.id(), &families));
         info!(netns = %spec.netns.display(), ips = ?spec.ips, identity = %spec.identity, "serving pod {}", spec.name);
         Ok(RunningPod {
             spec,

@@ -34,6 +34,12 @@ pub struct Settings {
     pub readiness_addr: SocketAddr,
     pub drain: Duration,
     pub cert_ttl: Duration,
+    /// Where the capture ledger lives ([`crate::state`]).
+    pub state_dir: PathBuf,
+    /// `dir` (config_dir / embedded default) or `kube` (the API server).
+    pub config_source: kube_source::ConfigSource,
+    /// The host's /proc, where pods' network namespaces are found with `kube`.
+    pub proc_root: PathBuf,
 }
 
 /// Why the proxy could not start.
@@ -57,6 +63,10 @@ pub enum Error {
     AccessLog(#[source] std::io::Error),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("capture ledger: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("configuration from the Kubernetes API: {0}")]
+    Kube(#[from] kube_source::KubeSourceError),
 }
 
 /// What every pod's handlers share.
@@ -78,13 +88,26 @@ pub(crate) struct Shared {
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    // First: a second ztunnel for this node must fail before it touches anything.
+    let state = crate::state::StateStore::open(&settings.state_dir, &settings.node)?;
 
-    let store = match &settings.config_dir {
-        Some(dir) => ConfigStore::open(dir)?,
-        None => {
-            info!("no --config-dir: serving the embedded default mesh");
-            ConfigStore::embedded_default()?
+    let (store, kube_handle) = match settings.config_source {
+        kube_source::ConfigSource::Kube => {
+            let opts = kube_source::KubeSourceOptions {
+                node: Some(settings.node.clone()),
+                proc_root: settings.proc_root.clone(),
+                ..Default::default()
+            };
+            let (store, handle) = kube_source::KubeSource::start_default(opts).await?;
+            (store, Some(handle))
         }
+        kube_source::ConfigSource::Dir => match &settings.config_dir {
+            Some(dir) => (ConfigStore::open(dir)?, None),
+            None => {
+                info!("no --config-dir: serving the embedded default mesh");
+                (ConfigStore::embedded_default()?, None)
+            }
+        },
     };
     let _watch = match store.dir() {
         Some(_) => Some(store.watch()?),
@@ -94,6 +117,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let identities =
         Identities::load(settings.ca_dir.as_deref(), &trust_domain, settings.cert_ttl)?;
     let metrics = Arc::new(Metrics::new()?);
+    if let Some(k) = &kube_handle {
+        k.metrics()
+            .register(metrics.registry())
+            .map_err(telemetry::TelemetryError::from)?;
+    }
     metrics.config_loaded(store.generation());
     let telemetry = Telemetry::new(
         metrics.clone(),
@@ -146,8 +174,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         )));
     }
 
-    let mut manager = PodManager::new(shared.clone(), pod_status);
+    let mut manager = PodManager::new(shared.clone(), pod_status, state);
     let mut updates = store.subscribe();
+    manager.sweep_stale(&store.current()).await;
     manager.reconcile(&store.current()).await;
     readiness.set_ready(true);
     info!(node = %settings.node, generation = store.generation(), "ztunnel ready");

@@ -24,13 +24,18 @@
 //! redirect would capture the proxy's own queries. The waypoint must not use this proxy for its
 //! own lookups (it would resolve external hosts to their VIPs and loop).
 //!
+//! [`Upstreams::lookup_ip`] resolves a name through the same upstreams and sockets, for the
+//! proxy's owner (ztunnel reaching a `resolution: DNS` ServiceEntry host itself).
+//!
 //! hickory-server logs every request at INFO under the `hickory_server` target; binaries should
 //! filter it to `warn`. Our own per-query events are DEBUG under the `dns` target.
 
+mod lookup;
 pub mod names;
 mod server;
 mod upstream;
 
+pub use lookup::LookupError;
 pub use names::{LOCAL_TTL_SECS, NameTable, PodDnsContext};
 pub use server::DnsProxy;
 pub use upstream::{

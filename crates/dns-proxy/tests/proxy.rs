@@ -956,3 +956,87 @@ fn resolv_conf_parsing() {
         "no nameserver"
     );
 }
+
+// ---------- Upstreams::lookup_ip ----------
+
+#[tokio::test]
+async fn lookup_ip_asks_a_and_aaaa_through_the_factory() {
+    let upstream = fake_upstream(Behaviour::Normal);
+    let factory = Arc::new(CountingFactory::default());
+    let upstreams = Upstreams::new(vec![upstream.addr]).with_socket_factory(factory.clone());
+
+    let ips = upstreams
+        .lookup_ip("external.example.com")
+        .await
+        .expect("resolves");
+    assert_eq!(ips, vec![IpAddr::V4(EXTERNAL)]);
+    let mut asked: Vec<(String, RecordType)> = upstream
+        .queries()
+        .into_iter()
+        .map(|(name, rtype, _)| (name, rtype))
+        .collect();
+    asked.sort_by_key(|(_, t)| u16::from(*t));
+    assert_eq!(
+        asked,
+        vec![
+            ("external.example.com.".to_owned(), RecordType::A),
+            ("external.example.com.".to_owned(), RecordType::AAAA),
+        ]
+    );
+    assert_eq!(
+        factory.udp.load(Ordering::SeqCst),
+        2,
+        "one socket per question"
+    );
+
+    // NXDOMAIN is an empty answer, not an error.
+    assert_eq!(
+        upstreams
+            .lookup_ip("missing.example.com")
+            .await
+            .expect("answered"),
+        Vec::<IpAddr>::new()
+    );
+}
+
+#[tokio::test]
+async fn lookup_ip_errors() {
+    let upstream = fake_upstream(Behaviour::Normal);
+    let upstreams = Upstreams::new(vec![upstream.addr]);
+    let err = upstreams
+        .lookup_ip("servfail.example.com")
+        .await
+        .expect_err("SERVFAIL for both questions");
+    assert!(matches!(err, dns_proxy::LookupError::Failed(_)), "{err}");
+    assert!(
+        err.to_string().contains("SERVFAIL") || err.to_string().contains("Server Failure"),
+        "{err}"
+    );
+
+    let err = Upstreams::new(vec![])
+        .lookup_ip("external.example.com")
+        .await
+        .expect_err("no upstreams");
+    assert!(matches!(err, dns_proxy::LookupError::NoUpstreams), "{err}");
+
+    let err = upstreams
+        .lookup_ip("bad..name")
+        .await
+        .expect_err("invalid name");
+    assert!(matches!(err, dns_proxy::LookupError::Name { .. }), "{err}");
+
+    // A black hole fails within the configured budget.
+    let black_hole = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let started = Instant::now();
+    let err = Upstreams::new(vec![black_hole.local_addr().expect("addr")])
+        .with_timeout(Duration::from_millis(300))
+        .lookup_ip("external.example.com")
+        .await
+        .expect_err("nobody answers");
+    assert!(matches!(err, dns_proxy::LookupError::Failed(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -292,6 +292,7 @@ pub(crate) fn expand(
                 namespace: Some(obj.namespace.clone()),
                 labels: [(USE_WAYPOINT_LABEL.to_owned(), gw_name.clone())].into(),
                 annotations: Default::default(),
+                ..Default::default()
             };
             out.service_entries.push(Object {
                 source: obj.source.clone(),

@@ -187,6 +187,17 @@ pub fn compile(res: &Resources, errors: &mut Vec<ConfigError>) -> Snapshot {
                 capture,
                 waypoint: WaypointBinding::None,
                 waypoint_of,
+                generate_name: meta.generate_name.clone().filter(|g| !g.is_empty()),
+                // Kubernetes allows one controller per object; the first one wins, as in Istio.
+                controller: meta
+                    .owner_references
+                    .iter()
+                    .find(|r| r.controller == Some(true))
+                    .map(|r| Controller {
+                        api_version: r.api_version.clone(),
+                        kind: r.kind.clone(),
+                        name: r.name.clone(),
+                    }),
                 authz: Arc::default(),
             },
         });

@@ -29,8 +29,8 @@ pub use error::{ConfigError, LoadErrors};
 pub use policy::{ClientTls, DestinationPolicy, TlsMode};
 pub use route::{HttpRequestInfo, L4Info, RouteAction, ServiceRoutes};
 pub use snapshot::{
-    AddressMatch, Identity, NamespacedName, OutboundTrafficPolicy, Protocol, Service, ServicePort,
-    Snapshot, Waypoint, WaypointBinding, Workload,
+    AddressMatch, Controller, Identity, NamespacedName, OutboundTrafficPolicy, Protocol, Service,
+    ServicePort, Snapshot, Waypoint, WaypointBinding, Workload,
 };
 pub use store::ConfigStore;
 

@@ -17,6 +17,26 @@ pub struct ObjectMeta {
     pub labels: Labels,
     #[serde(default)]
     pub annotations: Labels,
+    /// Set when the API server generated the name (pods of controllers).
+    #[serde(default)]
+    pub generate_name: Option<String>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// `metadata.ownerReferences[]`: the fields a workload's name is derived from. Lenient, like
+/// the rest of `metadata`: what is missing reads as empty.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 /// `{matchLabels: …}` (Istio WorkloadSelector and Kubernetes LabelSelector without expressions).
