@@ -132,98 +132,13 @@ impl hbone::Handler for InboundHandler {
     }
 }
 
-async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingConnect) {
-    let meta = connect.meta().clone();
-    let target = canonical(meta.authority);
-    let remote = canonical(meta.remote_addr);
-    // The client pod's address: HBONE sockets are created in the client pod's namespace.
-    let source = meta
-        .forwarded
-        .as_ref()
-        .and_then(|f| f.client_addr())
-        .map(canonical)
-        .filter(|client| client.ip() == remote.ip())
-        .unwrap_or(remote);
-    let principal = meta.peer_identity.to_string();
-    let snap = ctx.shared.store.current();
-    let pod = ctx.workload(&snap);
-    let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
-    trace.entry.dst_hbone_addr = Some(meta.authority.to_string());
-    trace.set_source(source_labels(&snap, remote.ip(), Some(&principal)));
-    trace.set_destination(workload_labels(&pod));
-    trace.set_security(SecurityPolicy::MutualTls);
-    match check_inbound(&snap, &pod, Some(&principal), remote.ip(), target) {
-        InboundVerdict::Allow => {}
-        InboundVerdict::WrongTarget => {
-            warn!(authority = %meta.authority, "CONNECT target is not this pod: 400");
-            connect.reject(StatusCode::BAD_REQUEST);
-            trace.finish(
-                0,
-                0,
-                ConnectionOutcome::Failed,
-                Some(ResponseFlag::NoRouteFound),
-                Some(format!(
-                    "authority {} is not an address of {}",
-                    meta.authority, ctx.name
-                )),
-            );
-            return;
-        }
-        InboundVerdict::Denied { policy } => {
-            let why = denial(&principal, policy.as_deref());
-            warn!(%target, reason = %why, "inbound connection denied: 401");
-            connect.reject(StatusCode::UNAUTHORIZED);
-            trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
-            return;
-        }
-    }
-    let app = tokio::time::timeout(
-        APP_CONNECT_TIMEOUT,
-        inpod::connect_in(&ctx.netns, target, Some(crate::MARK)),
-    )
-    .await;
-    let mut app = match app {
-        Ok(Ok(app)) => app,
-        Ok(Err(error)) => {
-            warn!(%target, %error, "application unreachable: 503");
-            connect.reject(StatusCode::SERVICE_UNAVAILABLE);
-            trace.finish(
-                0,
-                0,
-                ConnectionOutcome::Failed,
-                Some(ResponseFlag::UpstreamConnectionFailure),
-                Some(error.to_string()),
-            );
-            return;
-        }
-        Err(_) => {
-            warn!(%target, "application connect timed out: 504");
-            connect.reject(StatusCode::GATEWAY_TIMEOUT);
-            trace.finish(
-                0,
-                0,
-                ConnectionOutcome::Failed,
-                Some(ResponseFlag::UpstreamConnectionFailure),
-                Some("connect timed out".into()),
-            );
-            return;
-        }
-    };
-    let _ = app.set_nodelay(true);
-    trace.opened();
-    let mut tunnel = match connect.accept() {
-        Ok(tunnel) => tunnel,
-        Err(error) => {
-            debug!(%error, "client went away before the CONNECT was answered");
-            trace.finish(
-                0,
-                0,
-                ConnectionOutcome::Failed,
-                Some(ResponseFlag::DownstreamConnectionTermination),
-                Some(error.to_string()),
-            );
-            return;
-        }
+/// One CONNECT: set up (check, dial the application, answer 200), then relay.
+///
+/// The set-up runs boxed and only what relaying needs outlives it: a task is as large as its
+/// largest state, and ten thousand idle tunnels would otherwise each keep room for the dial.
+pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingConnect) {
+    let Some((mut tunnel, mut app, trace)) = Box::pin(set_up(&ctx, connect)).await else {
+        return;
     };
     let counts = ByteCounts::default();
     // Towards the application is what the client sent.
@@ -251,6 +166,108 @@ async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingConnect) {
             );
         }
     }
+}
+
+/// Checks the CONNECT, dials the application and accepts the tunnel; `None` when the CONNECT
+/// was answered with an error (logged and counted).
+async fn set_up(
+    ctx: &PodCtx,
+    connect: hbone::IncomingConnect,
+) -> Option<(hbone::Tunnel, TcpStream, ConnTrace)> {
+    let meta = connect.meta();
+    let authority = meta.authority;
+    let target = canonical(authority);
+    let remote = canonical(meta.remote_addr);
+    // The client pod's address: HBONE sockets are created in the client pod's namespace.
+    let source = meta
+        .forwarded
+        .as_ref()
+        .and_then(|f| f.client_addr())
+        .map(canonical)
+        .filter(|client| client.ip() == remote.ip())
+        .unwrap_or(remote);
+    let principal = meta.peer_identity.to_string();
+    let snap = ctx.shared.store.current();
+    let pod = ctx.workload(&snap);
+    let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
+    trace.entry.dst_hbone_addr = Some(authority.to_string());
+    trace.set_source(source_labels(&snap, remote.ip(), Some(&principal)));
+    trace.set_destination(workload_labels(&pod));
+    trace.set_security(SecurityPolicy::MutualTls);
+    match check_inbound(&snap, &pod, Some(&principal), remote.ip(), target) {
+        InboundVerdict::Allow => {}
+        InboundVerdict::WrongTarget => {
+            warn!(authority = %authority, "CONNECT target is not this pod: 400");
+            connect.reject(StatusCode::BAD_REQUEST);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::NoRouteFound),
+                Some(format!(
+                    "authority {} is not an address of {}",
+                    authority, ctx.name
+                )),
+            );
+            return None;
+        }
+        InboundVerdict::Denied { policy } => {
+            let why = denial(&principal, policy.as_deref());
+            warn!(%target, reason = %why, "inbound connection denied: 401");
+            connect.reject(StatusCode::UNAUTHORIZED);
+            trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
+            return None;
+        }
+    }
+    let app = Box::pin(tokio::time::timeout(
+        APP_CONNECT_TIMEOUT,
+        inpod::connect_in(&ctx.netns, target, Some(crate::MARK)),
+    ))
+    .await;
+    let app = match app {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            warn!(%target, %error, "application unreachable: 503");
+            connect.reject(StatusCode::SERVICE_UNAVAILABLE);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some(error.to_string()),
+            );
+            return None;
+        }
+        Err(_) => {
+            warn!(%target, "application connect timed out: 504");
+            connect.reject(StatusCode::GATEWAY_TIMEOUT);
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::UpstreamConnectionFailure),
+                Some("connect timed out".into()),
+            );
+            return None;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    trace.opened();
+    let tunnel = match connect.accept() {
+        Ok(tunnel) => tunnel,
+        Err(error) => {
+            debug!(%error, "client went away before the CONNECT was answered");
+            trace.finish(
+                0,
+                0,
+                ConnectionOutcome::Failed,
+                Some(ResponseFlag::DownstreamConnectionTermination),
+                Some(error.to_string()),
+            );
+            return None;
+        }
+    };
+    Some((tunnel, app, trace))
 }
 
 fn denial(principal: &str, policy: Option<&str>) -> String {

@@ -2,10 +2,12 @@
 //! connection, or an upstream connection), with half-close and byte counts.
 //!
 //! Memory follows traffic the way Istio's ztunnel does: the buffer reading the plain stream
-//! starts at 1 KiB, grows to 16 KiB after 128 KiB have gone through and to 256 KiB after
-//! 10 MiB, so ten thousand idle connections stay small while bulk transfers get large reads.
-//! The tunnel side needs no buffer of ours: DATA frames are handed over as received, and what
-//! we read from the plain stream is sent as frames without another copy.
+//! is 1 KiB, 16 KiB after 128 KiB have gone through and 256 KiB after 10 MiB, so bulk
+//! transfers get large reads. An idle direction holds no buffer at all: a read first goes into
+//! a small stack buffer, and a heap buffer is only taken once data has arrived, and given back
+//! as soon as the stream has nothing more to read. The tunnel side needs no buffer of ours:
+//! DATA frames are handed over as received, and what we read from the plain stream is sent as
+//! frames without another copy.
 
 use std::future::poll_fn;
 use std::io;
@@ -13,7 +15,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::tunnel::{Tunnel, TunnelReader, TunnelWriter};
 
@@ -24,6 +26,8 @@ const LARGE_BUFFER: usize = 16 * 1024 - 64;
 const JUMBO_BUFFER: usize = 16 * 16 * 1024 - 64;
 const LARGE_AFTER: u64 = 128 * 1024;
 const JUMBO_AFTER: u64 = 10 * 1024 * 1024;
+/// The stack buffer a read starts with when no heap buffer is held.
+const PROBE: usize = INITIAL_BUFFER;
 
 /// The read-buffer size for a direction that has moved `copied` bytes.
 pub(crate) fn buffer_size(copied: u64) -> usize {
@@ -176,6 +180,7 @@ impl TunnelToStream {
 }
 
 /// Stream bytes read into a growing buffer and sent on the tunnel without another copy.
+/// `buf` is empty with no capacity while the stream is idle.
 struct StreamToTunnel {
     buf: BytesMut,
     pending: Bytes,
@@ -213,19 +218,7 @@ impl StreamToTunnel {
         }
         loop {
             if self.pending.is_empty() && !self.eof {
-                // Reuses the allocation once h2 has written (and dropped) earlier chunks.
-                self.buf.reserve(buffer_size(self.copied));
-                let n = ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut *stream),
-                    cx,
-                    &mut self.buf
-                ))
-                .map_err(|e| (ReadStream, e))?;
-                if n == 0 {
-                    self.eof = true;
-                } else {
-                    self.pending = self.buf.split().freeze();
-                }
+                ready!(self.poll_fill(cx, stream)).map_err(|e| (ReadStream, e))?;
             }
             if !self.pending.is_empty() {
                 let n = ready!(writer.poll_send(cx, &mut self.pending))
@@ -242,6 +235,49 @@ impl StreamToTunnel {
             return Poll::Ready(Ok(()));
         }
     }
+
+    /// Reads what the stream has into `pending` (or sets `eof`).
+    fn poll_fill<S>(&mut self, cx: &mut Context<'_>, stream: &mut S) -> Poll<io::Result<()>>
+    where
+        S: AsyncRead + Unpin + ?Sized,
+    {
+        if self.buf.capacity() > 0 {
+            // The rest of a buffer taken earlier: read straight into it.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => self.pending = self.buf.split().freeze(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Idle: give the buffer back (h2 frees what it still holds once written).
+                    self.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let mut probe = [0u8; PROBE];
+        let mut probe = ReadBuf::new(&mut probe);
+        ready!(Pin::new(&mut *stream).poll_read(cx, &mut probe))?;
+        let got = probe.filled();
+        let size = buffer_size(self.copied);
+        if got.is_empty() {
+            self.eof = true;
+        } else if got.len() < PROBE || size <= PROBE {
+            // All there was (or all this stage reads at once): a frame of exactly this size.
+            self.pending = Bytes::copy_from_slice(got);
+        } else {
+            // A full probe in a bulk transfer: more is likely waiting, read it in one go.
+            self.buf.reserve(size);
+            self.buf.extend_from_slice(got);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) | Poll::Pending => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            }
+            self.pending = self.buf.split().freeze();
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -255,5 +291,38 @@ mod tests {
         assert_eq!(buffer_size(LARGE_AFTER), LARGE_BUFFER);
         assert_eq!(buffer_size(JUMBO_AFTER - 1), LARGE_BUFFER);
         assert_eq!(buffer_size(JUMBO_AFTER), JUMBO_BUFFER);
+    }
+
+    fn fill(up: &mut StreamToTunnel, stream: &mut tokio::io::DuplexStream) -> Poll<io::Result<()>> {
+        let waker = futures::task::noop_waker();
+        up.poll_fill(&mut Context::from_waker(&waker), stream)
+    }
+
+    #[tokio::test]
+    async fn idle_direction_holds_no_buffer() {
+        use tokio::io::AsyncWriteExt;
+        let (mut app, mut ours) = tokio::io::duplex(1 << 20);
+        let mut up = StreamToTunnel::default();
+        assert!(fill(&mut up, &mut ours).is_pending());
+        assert_eq!(up.buf.capacity(), 0);
+
+        app.write_all(b"hello").await.expect("write");
+        assert!(matches!(fill(&mut up, &mut ours), Poll::Ready(Ok(()))));
+        assert_eq!(&up.pending[..], b"hello");
+        assert_eq!(up.buf.capacity(), 0, "small reads are sent as they came");
+
+        // A bulk transfer reads large chunks, then gives the buffer back once drained.
+        up.pending = Bytes::new();
+        up.copied = JUMBO_AFTER;
+        let bulk = vec![7u8; 200 * 1024];
+        app.write_all(&bulk).await.expect("write");
+        assert!(matches!(fill(&mut up, &mut ours), Poll::Ready(Ok(()))));
+        assert_eq!(up.pending.len(), bulk.len(), "probe and rest in one frame");
+        assert!(fill(&mut up, &mut ours).is_pending());
+        assert_eq!(up.buf.capacity(), 0, "drained: buffer released");
+
+        drop(app);
+        assert!(matches!(fill(&mut up, &mut ours), Poll::Ready(Ok(()))));
+        assert!(up.eof);
     }
 }

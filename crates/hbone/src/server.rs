@@ -335,11 +335,15 @@ impl Server {
                             remote,
                         };
                         let span = tracing::debug_span!("connect", stream = u32::from(respond.stream_id()));
-                        let handler = handler.clone();
-                        tokio::spawn(
-                            async move { stream.handle(request, respond, &*handler).await }
-                                .instrument(span),
-                        );
+                        // Only the handler's future outlives the request's parsing: this task
+                        // lives as long as the tunnel, and ten thousand idle tunnels add up.
+                        // (Boxed until the handler takes it, so the task does not hold it twice.)
+                        if let Some(connect) = stream.connect(request, respond).map(Box::new) {
+                            let handler = handler.clone();
+                            tokio::spawn(
+                                async move { handler.handle(*connect).await }.instrument(span),
+                            );
+                        }
                     }
                     Some(Err(e)) => {
                         debug!(error = %e, "HBONE connection ended with an error");
@@ -360,17 +364,18 @@ struct StreamContext {
 }
 
 impl StreamContext {
-    async fn handle<H: Handler>(
+    /// Checks a request: a CONNECT to `ip:port` is returned for the handler, anything else is
+    /// answered here.
+    fn connect(
         self,
         request: Request<RecvStream>,
         respond: SendResponse<Bytes>,
-        handler: &H,
-    ) {
+    ) -> Option<IncomingConnect> {
         let (parts, recv) = request.into_parts();
         if parts.method != Method::CONNECT {
             debug!(method = %parts.method, "not a CONNECT: 405");
             answer(respond, StatusCode::METHOD_NOT_ALLOWED, HeaderMap::new());
-            return;
+            return None;
         }
         let authority = match parts.uri.authority() {
             Some(a) => parse_authority(a.as_str()),
@@ -381,7 +386,7 @@ impl StreamContext {
             Err(e) => {
                 debug!(error = %e, "bad CONNECT authority: 400");
                 answer(respond, StatusCode::BAD_REQUEST, HeaderMap::new());
-                return;
+                return None;
             }
         };
         let forwarded = match Forwarded::from_headers(&parts.headers) {
@@ -392,7 +397,7 @@ impl StreamContext {
             }
             None => None,
         };
-        let connect = IncomingConnect {
+        Some(IncomingConnect {
             meta: ConnectMeta {
                 peer_identity: self.peer,
                 authority,
@@ -403,7 +408,6 @@ impl StreamContext {
             },
             respond: Some(respond),
             recv: Some(recv),
-        };
-        handler.handle(connect).await;
+        })
     }
 }
