@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::conn::{ByteCounts, Counted, reset, splice_tcp};
-use crate::metrics::{ConnTrace, principal_labels, workload_labels};
+use crate::metrics::{ConnTrace, principal_labels, workload_labels, workload_meta};
 use crate::outbound::canonical;
 use crate::pods::PodCtx;
 
@@ -79,7 +79,7 @@ fn source_labels(snap: &Snapshot, source_ip: IpAddr, principal: Option<&str>) ->
         (_, Some(p)) => principal_labels(p),
         (Some(w), None) => WorkloadLabels {
             // Unauthenticated: the workload is a guess from the address, never a principal.
-            workload: w.name.name.clone(),
+            workload: workload_meta(w).name,
             namespace: w.name.namespace.clone(),
             ..WorkloadLabels::default()
         },

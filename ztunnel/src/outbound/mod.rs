@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::conn::{ByteCounts, Counted, reset, splice_tcp};
 use crate::identity::spiffe;
-use crate::metrics::{CLUSTER_NAME, ConnTrace, principal_labels, workload_labels};
+use crate::metrics::{CLUSTER_NAME, ConnTrace, principal_labels, workload_labels, workload_meta};
 use crate::pods::PodCtx;
 
 /// Bound on dialling a direct upstream.
@@ -335,11 +335,13 @@ fn tunnel_request(
         forwarded = forwarded.with_host(service.hostname.clone());
     }
     let labels = workload_labels(source);
+    let workload = workload_meta(source);
     let baggage = Baggage {
         cluster: Some(CLUSTER_NAME.to_owned()),
         namespace: Some(source.name.namespace.clone()),
-        workload_kind: Some("pod".to_owned()),
-        workload_name: Some(source.name.name.clone()),
+        // Istio's baggage keys are `k8s.<lowercase kind>.name`.
+        workload_kind: Some(workload.kind.to_ascii_lowercase()),
+        workload_name: Some(workload.name),
         service_name: Some(labels.canonical_service),
         service_version: Some(labels.canonical_revision),
         region: None,
