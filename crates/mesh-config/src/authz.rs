@@ -380,7 +380,7 @@ impl Condition {
             })
         };
         let str_in = |vals: &[String], s: Option<&str>| {
-            s.is_some_and(|s| vals.iter().any(|v| StrPattern::parse(v).matches(s)))
+            s.is_some_and(|s| vals.iter().any(|v| pattern_matches(v, s)))
         };
         let check = |vals: &[String]| -> Option<bool> {
             Some(match &self.key {
@@ -394,16 +394,13 @@ impl Condition {
                     .any(|v| v.parse::<u16>().ok() == Some(a.destination_port)),
                 ConditionKey::ConnectionSni => str_in(vals, a.sni),
                 ConditionKey::RequestHeader(name) => {
-                    let h = a.http?;
-                    let values: Vec<&str> = h
-                        .headers
-                        .get_all(name.as_str())
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
+                    // The name is looked up once per condition; no per-request allocation.
+                    let values = a.http?.headers.get_all(name.as_str());
                     vals.iter().any(|v| {
-                        let p = StrPattern::parse(v);
-                        values.iter().any(|hv| p.matches(hv))
+                        values
+                            .iter()
+                            .filter_map(|hv| hv.to_str().ok())
+                            .any(|hv| pattern_matches(v, hv))
                     })
                 }
             })
@@ -423,6 +420,19 @@ impl Condition {
             // HTTP-only condition evaluated at L4.
             _ => lenient_l7,
         }
+    }
+}
+
+/// `StrPattern::parse(pat).matches(v)` without building the pattern.
+fn pattern_matches(pat: &str, v: &str) -> bool {
+    if pat == "*" {
+        !v.is_empty()
+    } else if let Some(p) = pat.strip_suffix('*') {
+        v.starts_with(p)
+    } else if let Some(p) = pat.strip_prefix('*') {
+        v.ends_with(p)
+    } else {
+        pat == v
     }
 }
 
@@ -651,6 +661,21 @@ fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Cond
 mod tests {
     use super::*;
     use crate::error::SourceRef;
+
+    #[test]
+    fn pattern_matches_agrees_with_str_pattern() {
+        let pats = ["*", "", "a", "a*", "*a", "ab*", "*ab", "**", "a*b"];
+        let vals = ["", "a", "b", "ab", "ba", "aab", "abb", "*", "a*b"];
+        for p in pats {
+            for v in vals {
+                assert_eq!(
+                    pattern_matches(p, v),
+                    StrPattern::parse(p).matches(v),
+                    "{p:?} vs {v:?}"
+                );
+            }
+        }
+    }
 
     fn policy(ns: &str, name: &str, yaml: &str) -> Arc<Policy> {
         let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(yaml).unwrap();

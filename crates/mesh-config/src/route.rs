@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 pub(crate) mod compile;
+mod index;
 
 /// The routes that apply to one host.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -21,6 +22,11 @@ pub struct ServiceRoutes {
     pub http: Vec<HttpRoute>,
     pub tcp: Vec<L4Route>,
     pub tls: Vec<L4Route>,
+    /// Built on the first [`ServiceRoutes::select_http`]. Edit `http` before that (or edit a
+    /// clone: clones start unindexed); a list replaced later is detected and scanned linearly,
+    /// but in-place edits that keep its buffer and length are not.
+    #[serde(skip)]
+    index: index::IndexCell,
 }
 
 /// Where a route came from.
@@ -110,7 +116,16 @@ impl StringMatcher {
             StringMatcher::Prefix(p) => {
                 v.len() >= p.len() && v.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
             }
-            StringMatcher::PathPrefix(_) => self.matches(&v.to_ascii_lowercase()),
+            // As `matches` on the lowercased value, without allocating it.
+            StringMatcher::PathPrefix(p) => {
+                let p = p.trim_end_matches('/');
+                p.is_empty()
+                    || (v.len() >= p.len()
+                        && v.bytes()
+                            .zip(p.bytes())
+                            .all(|(a, b)| a.to_ascii_lowercase() == b)
+                        && matches!(v.as_bytes().get(p.len()), None | Some(b'/')))
+            }
             // Istio's ignoreUriCase applies to exact and prefix matches only.
             StringMatcher::Regex(r) => r.is_match(v),
         }
@@ -136,7 +151,19 @@ pub struct HttpMatch {
 
 impl HttpMatch {
     pub fn matches(&self, r: &HttpRequestInfo<'_>) -> bool {
-        let (path, query) = r.path.split_once('?').unwrap_or((r.path, ""));
+        let (path, query) = split_path(r.path);
+        self.matches_split(r, path, query, None)
+    }
+
+    /// [`HttpMatch::matches`] with `r.path` already split, and header names parsed once when
+    /// `prepared` is given (the route index holds them).
+    fn matches_split(
+        &self,
+        r: &HttpRequestInfo<'_>,
+        path: &str,
+        query: &str,
+        prepared: Option<&index::PreparedMatch>,
+    ) -> bool {
         if self.port.is_some_and(|p| p != r.port) {
             return false;
         }
@@ -161,18 +188,32 @@ impl HttpMatch {
                 return false;
             }
         }
-        let header_ok = |(name, m): &(String, Option<StringMatcher>)| {
-            let mut values = r
-                .headers
-                .get_all(name.as_str())
-                .iter()
-                .filter_map(|v| v.to_str().ok());
+        let header_ok = |without: bool, i: usize, (name, m): &(String, Option<StringMatcher>)| {
+            let all = match prepared {
+                Some(p) => match p.header(without, i) {
+                    Some(n) => r.headers.get_all(n),
+                    // Not a valid header name: no request carries it.
+                    None => return false,
+                },
+                None => r.headers.get_all(name.as_str()),
+            };
+            let mut values = all.iter().filter_map(|v| v.to_str().ok());
             match m {
                 None => values.next().is_some(),
                 Some(m) => values.any(|v| m.matches(v)),
             }
         };
-        if !self.headers.iter().all(header_ok) || self.without_headers.iter().any(header_ok) {
+        if !self
+            .headers
+            .iter()
+            .enumerate()
+            .all(|(i, h)| header_ok(false, i, h))
+            || self
+                .without_headers
+                .iter()
+                .enumerate()
+                .any(|(i, h)| header_ok(true, i, h))
+        {
             return false;
         }
         for (name, m) in &self.query_params {
@@ -195,6 +236,11 @@ impl HttpMatch {
         }
         labels_match(&self.source_labels, r.source_labels)
     }
+}
+
+/// `:path` → (path, query); the query is `""` when absent.
+fn split_path(p: &str) -> (&str, &str) {
+    p.split_once('?').unwrap_or((p, ""))
 }
 
 fn labels_match(want: &Labels, have: Option<&Labels>) -> bool {
@@ -569,6 +615,15 @@ pub struct L4Route {
 impl ServiceRoutes {
     /// First HTTP route that matches.
     pub fn select_http(&self, r: &HttpRequestInfo<'_>) -> Option<RouteMatch<'_>> {
+        let (path, query) = split_path(r.path);
+        match self.index.get(&self.http) {
+            Some(idx) => idx.select(&self.http, r, path, query),
+            None => self.select_http_linear(r),
+        }
+    }
+
+    /// The reference semantics: every route in declaration order, no index.
+    pub(crate) fn select_http_linear(&self, r: &HttpRequestInfo<'_>) -> Option<RouteMatch<'_>> {
         self.http.iter().find_map(|route| route.select(r))
     }
 
