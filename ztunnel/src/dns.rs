@@ -136,13 +136,12 @@ pub(crate) async fn bind(netns: &NetnsHandle) -> Result<DnsListeners, PodError> 
 /// an IPv6 address (a v4-only pod must never be handed a v6 VIP).
 pub(crate) fn proxy(ctx: &PodCtx) -> Result<DnsProxy, dns_proxy::Error> {
     let shared = &ctx.shared;
-    let upstreams = upstreams(&ctx.netns, shared.dns_upstreams.clone());
     let dns_ctx = PodDnsContext::new(ctx.name.namespace.clone())
         .with_search_domains(shared.dns_search.clone())
         .with_ipv6(ctx.ips.iter().any(IpAddr::is_ipv6));
     DnsProxy::new(
         Arc::new(SnapshotNames::new(shared.store.clone())),
-        upstreams,
+        ctx.dns_upstreams.clone(),
         dns_ctx,
     )
 }

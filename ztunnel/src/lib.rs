@@ -28,7 +28,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod pods;
 mod proxy;
-mod resolve;
 pub mod state;
 
 pub use cli::{Args, Command, RunArgs};

@@ -191,6 +191,9 @@ pub(crate) struct PodCtx {
     pub ips: Vec<IpAddr>,
     pub netns: NetnsHandle,
     pub connector: Arc<NetnsConnector>,
+    /// The node's resolvers, reached from this pod's namespace with the mark: used by the pod's
+    /// DNS proxy and for ztunnel's own lookups of `resolution: DNS` hosts.
+    pub dns_upstreams: dns_proxy::Upstreams,
     /// Cancelled to stop accepting.
     pub stop: CancellationToken,
     /// Cancelled to reset the connections still open after the drain period.
@@ -572,6 +575,7 @@ async fn start_pod(
                 netns: netns.clone(),
                 source_ip: spec.ips.first().copied(),
             }),
+            dns_upstreams: crate::dns::upstreams(&netns, shared.dns_upstreams.clone()),
             shared: shared.clone(),
             name: spec.name.clone(),
             workload,

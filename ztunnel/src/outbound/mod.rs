@@ -255,8 +255,7 @@ async fn set_up(ctx: &Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) -> Optio
         Upstream::Dns { host, port } => {
             trace.set_security(SecurityPolicy::None);
             trace.opened();
-            let lookup = crate::resolve::lookup(&ctx.netns, &ctx.shared.dns_upstreams, &host);
-            match Box::pin(lookup).await {
+            match Box::pin(ctx.dns_upstreams.lookup_ip(&host)).await {
                 Ok(ips) => match pick_address(&ips, dst.ip()) {
                     Some(ip) => dial(ctx, SocketAddr::new(ip, port))
                         .await
