@@ -385,7 +385,7 @@ async fn build_loop(
     stores: Vec<Store<DynamicObject>>,
     opts: KubeSourceOptions,
 ) {
-    let mut discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
+    let mut discovery = netns::NetnsDiscovery::new(opts.proc_root.clone());
     let mut last_input: Option<u64> = None;
     let mut rescan = false;
     let mut store: Option<ConfigStore> = None;
@@ -417,11 +417,11 @@ async fn build_loop(
                 .set(i64::try_from(objs.len()).unwrap_or(i64::MAX));
         }
         let node = opts.node.clone();
-        let Some(mut disc) = discovery.take() else {
-            // Only lost if a previous build panicked; start afresh.
-            discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
-            continue;
-        };
+        // Lent to the blocking build and given back; a build that panics leaves a fresh one.
+        let mut disc = std::mem::replace(
+            &mut discovery,
+            netns::NetnsDiscovery::new(opts.proc_root.clone()),
+        );
         let prev = last_input;
         // Serializing, scanning /proc and compiling are CPU/file work: off the async workers.
         let built = tokio::task::spawn_blocking(move || {
@@ -439,11 +439,10 @@ async fn build_loop(
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, "snapshot build failed; keeping the last good snapshot");
-                discovery = Some(netns::NetnsDiscovery::new(opts.proc_root.clone()));
                 continue;
             }
         };
-        discovery = Some(disc);
+        discovery = disc;
         rescan = pending_netns > 0;
         m.pods_without_netns
             .set(i64::try_from(pending_netns).unwrap_or(i64::MAX));

@@ -108,6 +108,12 @@ impl NetnsDiscovery {
         uids: impl IntoIterator<Item = &'a str>,
     ) -> HashMap<String, PathBuf> {
         let wanted: HashSet<String> = uids.into_iter().filter_map(normalise_uid_any).collect();
+        // Every pod already has a live process: re-check just those instead of reading every
+        // process's cgroup (the scan would pick the same pids, as it prefers the previous one).
+        if let Some(out) = self.still_chosen(&wanted) {
+            self.chosen.retain(|uid, _| wanted.contains(uid));
+            return out;
+        }
         let found = match scan(&self.proc_root, &wanted) {
             Ok(f) => f,
             Err(error) => {
@@ -134,6 +140,26 @@ impl NetnsDiscovery {
         }
         self.chosen = chosen;
         out
+    }
+}
+
+impl NetnsDiscovery {
+    /// The namespaces of `wanted` when each one's previously chosen process still belongs to
+    /// that pod and still has its namespace; `None` as soon as one does not.
+    fn still_chosen(&self, wanted: &HashSet<String>) -> Option<HashMap<String, PathBuf>> {
+        let mut out = HashMap::with_capacity(wanted.len());
+        for uid in wanted {
+            let pid = self.chosen.get(uid)?;
+            let dir = self.proc_root.join(pid.to_string());
+            let cgroup = std::fs::read_to_string(dir.join("cgroup")).ok()?;
+            if !pod_uids_in_cgroup(&cgroup).iter().any(|u| u == uid) {
+                return None;
+            }
+            let path = dir.join("ns").join("net");
+            std::fs::symlink_metadata(&path).ok()?;
+            out.insert(uid.clone(), path);
+        }
+        Some(out)
     }
 }
 
