@@ -21,8 +21,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::gateway::{Gateway, GatewayStatus, GatewayStatusAddress};
 
-/// The Gateway API label that ties a waypoint's objects (and pods) to their Gateway.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The Gateway API label that ties a waypoint's objects (and pods) to their Gateway; the mesh
+/// config finds waypoint pods by it.
+pub use mesh_config::snapshot::GATEWAY_NAME_LABEL;
 /// Our own "managed" label, like Istio's `gateway.istio.io/managed`.
 pub const MANAGED_BY_LABEL: &str = "strait.dev/managed-by";
 /// The value of [`MANAGED_BY_LABEL`].
@@ -38,7 +39,7 @@ pub const CA_MOUNT_PATH: &str = "/etc/strait/ca";
 pub const DEFAULT_GATEWAY_CLASS: &str = "istio-waypoint";
 
 /// HBONE (Istio's 15008).
-pub const HBONE_PORT: i32 = 15008;
+pub const HBONE_PORT: i32 = mesh_config::snapshot::HBONE_PORT as i32;
 /// Prometheus metrics (Istio's 15020).
 pub const METRICS_PORT: i32 = 15020;
 /// Readiness (Istio's 15021).
@@ -74,7 +75,7 @@ impl Settings {
             waypoint_image: waypoint_image.into(),
             image_pull_policy: None,
             ca_secret: "strait-ca".to_owned(),
-            cluster_domain: "cluster.local".to_owned(),
+            cluster_domain: mesh_config::snapshot::CLUSTER_DOMAIN.to_owned(),
         }
     }
 }
