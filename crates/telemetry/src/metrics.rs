@@ -127,6 +127,16 @@ pub struct ServiceLabels {
     pub namespace: String,
 }
 
+impl ServiceLabels {
+    pub fn as_ref(&self) -> ServiceLabelsRef<'_> {
+        ServiceLabelsRef {
+            host: &self.host,
+            name: &self.name,
+            namespace: &self.namespace,
+        }
+    }
+}
+
 /// Labels shared by TCP and request metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TrafficLabels {
@@ -223,11 +233,7 @@ impl RequestLabels {
             reporter: t.reporter,
             source: t.source.as_ref(),
             destination: t.destination.as_ref(),
-            destination_service: ServiceLabelsRef {
-                host: &t.destination_service.host,
-                name: &t.destination_service.name,
-                namespace: &t.destination_service.namespace,
-            },
+            destination_service: t.destination_service.as_ref(),
             connection_security_policy: t.connection_security_policy,
             request_protocol: self.request_protocol,
             response_code: self.response_code,
@@ -301,59 +307,56 @@ fn or_unknown(value: &str) -> &str {
     if value.is_empty() { UNKNOWN } else { value }
 }
 
-impl RequestLabelsRef<'_> {
-    fn values(&self) -> [&str; 20] {
-        let (s, d, svc) = (&self.source, &self.destination, &self.destination_service);
-        [
-            self.reporter.as_str(),
-            or_unknown(s.workload),
-            or_unknown(s.namespace),
-            or_unknown(s.principal),
-            or_unknown(s.app),
-            or_unknown(s.version),
-            or_unknown(s.canonical_service),
-            or_unknown(s.canonical_revision),
-            or_unknown(s.cluster),
-            or_unknown(d.workload),
-            or_unknown(d.namespace),
-            or_unknown(d.principal),
-            or_unknown(d.app),
-            or_unknown(d.version),
-            or_unknown(svc.host),
-            or_unknown(svc.name),
-            or_unknown(svc.namespace),
-            or_unknown(d.canonical_service),
-            or_unknown(d.canonical_revision),
-            or_unknown(d.cluster),
-        ]
+/// The values of [`TRAFFIC_LABEL_NAMES`], in that order.
+fn traffic_values<'a>(
+    reporter: Reporter,
+    s: WorkloadLabelsRef<'a>,
+    d: WorkloadLabelsRef<'a>,
+    svc: ServiceLabelsRef<'a>,
+) -> [&'a str; 20] {
+    [
+        reporter.as_str(),
+        or_unknown(s.workload),
+        or_unknown(s.namespace),
+        or_unknown(s.principal),
+        or_unknown(s.app),
+        or_unknown(s.version),
+        or_unknown(s.canonical_service),
+        or_unknown(s.canonical_revision),
+        or_unknown(s.cluster),
+        or_unknown(d.workload),
+        or_unknown(d.namespace),
+        or_unknown(d.principal),
+        or_unknown(d.app),
+        or_unknown(d.version),
+        or_unknown(svc.host),
+        or_unknown(svc.name),
+        or_unknown(svc.namespace),
+        or_unknown(d.canonical_service),
+        or_unknown(d.canonical_revision),
+        or_unknown(d.cluster),
+    ]
+}
+
+impl<'a> RequestLabelsRef<'a> {
+    fn values(&self) -> [&'a str; 20] {
+        traffic_values(
+            self.reporter,
+            self.source,
+            self.destination,
+            self.destination_service,
+        )
     }
 }
 
 impl TrafficLabels {
     fn values(&self) -> [&str; 20] {
-        let (s, d, svc) = (&self.source, &self.destination, &self.destination_service);
-        [
-            self.reporter.as_str(),
-            or_unknown(&s.workload),
-            or_unknown(&s.namespace),
-            or_unknown(&s.principal),
-            or_unknown(&s.app),
-            or_unknown(&s.version),
-            or_unknown(&s.canonical_service),
-            or_unknown(&s.canonical_revision),
-            or_unknown(&s.cluster),
-            or_unknown(&d.workload),
-            or_unknown(&d.namespace),
-            or_unknown(&d.principal),
-            or_unknown(&d.app),
-            or_unknown(&d.version),
-            or_unknown(&svc.host),
-            or_unknown(&svc.name),
-            or_unknown(&svc.namespace),
-            or_unknown(&d.canonical_service),
-            or_unknown(&d.canonical_revision),
-            or_unknown(&d.cluster),
-        ]
+        traffic_values(
+            self.reporter,
+            self.source.as_ref(),
+            self.destination.as_ref(),
+            self.destination_service.as_ref(),
+        )
     }
 }
 
