@@ -194,10 +194,15 @@ impl Netns {
 
     /// Blocks until something inside the namespace has a UDP socket bound to `port`.
     pub fn wait_udp_bound(&self, port: u16, timeout: Duration) -> Result<()> {
-        let filter = format!("sport = :{port}");
         wait_until(&format!("udp :{port} in {}", self.name), timeout, || {
-            Ok(!self.exec_ok(&["ss", "-Hlun", &filter])?.trim().is_empty())
+            self.udp_bound(port)
         })
+    }
+
+    /// Whether something inside the namespace has a UDP socket bound to `port`.
+    pub fn udp_bound(&self, port: u16) -> Result<bool> {
+        let filter = format!("sport = :{port}");
+        Ok(!self.exec_ok(&["ss", "-Hlun", &filter])?.trim().is_empty())
     }
 
     /// PIDs of processes whose network namespace is this one.

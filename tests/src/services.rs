@@ -152,10 +152,43 @@ pub fn start_dnsmasq(ns: &Netns, listen: IpAddr, records: &[(&str, IpAddr)]) -> 
         command.arg(format!("--address=/{name}/{ip}"));
     }
     let mut child = ChildGuard::spawn(format!("dnsmasq in {}", ns.name()), command)?;
-    ns.wait_udp_bound(53, Duration::from_secs(10))
-        .with_context(|| format!("dnsmasq did not start; log:\n{}", child.log()))?;
-    if let Some(status) = child.try_wait()? {
-        anyhow::bail!("dnsmasq exited ({status}); log:\n{}", child.log());
+    // Generous: on a loaded CI machine `ip netns exec` (a mount namespace per call) can take
+    // seconds before dnsmasq itself runs.
+    let bound = crate::process::wait_until(
+        &format!("udp :53 in {}", ns.name()),
+        Duration::from_secs(30),
+        || {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("dnsmasq exited ({status})");
+            }
+            ns.udp_bound(53)
+        },
+    );
+    if let Err(e) = bound {
+        return Err(e.context(format!(
+            "dnsmasq did not start ({}); log:\n{}",
+            process_state(child.id()),
+            child.log()
+        )));
     }
     Ok(child)
+}
+
+/// What a process is doing (its state and kernel wait channel), for a failure message.
+fn process_state(pid: u32) -> String {
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{f}"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|e| format!("<{e}>"))
+    };
+    let state = read("status")
+        .lines()
+        .find(|l| l.starts_with("State:"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    format!(
+        "pid {pid} {state}, wchan {}, cmdline {:?}",
+        read("wchan"),
+        read("cmdline").replace('\0', " ")
+    )
 }

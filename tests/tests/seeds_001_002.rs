@@ -208,7 +208,7 @@ fn s001_registry_only_then_service_entry_then_through_the_waypoint() {
     });
 }
 
-/// 002 step 2: the VirtualService's 5 s fixed delay shows at curl as 5 s ± 0.5 s.
+/// 002 step 2: the VirtualService's 5 s fixed delay shows at curl as 5 s (never less, at most 1 s more).
 #[test]
 fn s002_virtual_service_delay_shows_at_curl() {
     run_seed_test(SeedLab::builder(), |lab| {
@@ -223,7 +223,7 @@ fn s002_virtual_service_delay_shows_at_curl() {
         let fast = timed(lab)?;
         fast.ensure_status(301)?;
         ensure!(
-            fast.time_total < Duration::from_secs(1),
+            fast.time_total < Duration::from_millis(2500),
             "before the VirtualService: {:?}",
             fast.time_total
         );
@@ -236,8 +236,8 @@ fn s002_virtual_service_delay_shows_at_curl() {
         slow.ensure_via_waypoint()?;
         let t = slow.time_total.as_secs_f64();
         ensure!(
-            (4.5..=5.5).contains(&t),
-            "expected 5 s ± 0.5 s, curl took {t:.3} s"
+            (4.95..=6.0).contains(&t),
+            "expected 5 s (never less; up to 1 s of slack for a loaded machine), curl took {t:.3} s"
         );
         Ok(())
     });

@@ -86,7 +86,8 @@ fn seed_002_five_second_delay_shows_at_curl() {
         assert_eq!(out.status, 200, "{out:?}");
         let t = out.time_total;
         assert!(
-            t >= Duration::from_millis(4500) && t <= Duration::from_millis(5500),
+            // Upper bound with slack for a loaded machine; far below two delays.
+            t >= Duration::from_millis(4500) && t <= Duration::from_millis(7000),
             "seed 002: ~5 s at curl, got {t:?}"
         );
         let e = lab.wait_log(0, |e| field(e, "route_name") == "delay")?;
@@ -115,7 +116,7 @@ fn abort_timeout_redirect_headers_rewrite() {
         assert_eq!(out.status, 504, "{out:?}");
         assert_eq!(out.body_text(), "upstream request timeout");
         assert!(
-            out.time_total < Duration::from_millis(2000),
+            out.time_total < Duration::from_millis(2800),
             "{:?}",
             out.time_total
         );

@@ -118,7 +118,7 @@ fn route_and_per_try_timeouts_cover_the_response_body() {
             );
             assert!(
                 out.time_total >= Duration::from_millis(900)
-                    && out.time_total < Duration::from_millis(2500),
+                    && out.time_total < Duration::from_millis(2800),
                 "cut at the 1 s deadline, not at the upstream's 3 s: {:?}",
                 out.time_total
             );
@@ -138,10 +138,16 @@ fn route_and_per_try_timeouts_cover_the_response_body() {
 #[test]
 fn one_mib_bodies_are_retried_and_mirrored() {
     lab_case(|| {
-        let lab = WaypointLab::start(LabConfig::new(
-            STREAMS,
-            &["flaky.example:80", "aliyun.com:80", "always-bad.example:80"],
-        ))?;
+        // A streamed mirror copy that lags the original by more than the allowance is
+        // abandoned by design (body.rs tests that); here the allowance is wide so a loaded
+        // machine, where the mirror connects late, still sees the whole copy arrive.
+        let lab = WaypointLab::start(
+            LabConfig::new(
+                STREAMS,
+                &["flaky.example:80", "aliyun.com:80", "always-bad.example:80"],
+            )
+            .waypoint_args(&["--mirror-max-lag-bytes", "67108864"]),
+        )?;
         let dir = tempfile::tempdir()?;
         let one_mib = dir.path().join("1mib");
         std::fs::write(&one_mib, vec![b'x'; 1 << 20])?;

@@ -266,12 +266,12 @@ fn sigterm_stops_accepting_and_lets_live_connections_finish() {
         // Readiness drops at once, and the listeners are closed in the pod.
         wait_until(
             "readiness 503 after SIGTERM",
-            Duration::from_secs(1),
+            Duration::from_secs(3),
             || Ok(zt.readiness_status()? == 503),
         )?;
         wait_until(
             "listeners closed after SIGTERM",
-            Duration::from_secs(2),
+            Duration::from_secs(4),
             || Ok(!listening(&lab.client, 15001)? && !listening(&lab.server, 15008)?),
         )?;
         // A new connection is not served: the rules stay (no unproxied escape) and nothing

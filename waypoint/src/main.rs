@@ -78,6 +78,10 @@ struct RunArgs {
     /// bodies stream and are neither retried nor mirrored (Envoy's per-request buffer limit).
     #[arg(long, default_value_t = waypoint::options::DEFAULT_MAX_BUFFERED_BODY)]
     max_request_buffer_bytes: usize,
+    /// How far (bytes) a mirror copy of a larger, streamed body may fall behind the original
+    /// before the copy is abandoned (the original never waits for it); default: the buffer limit.
+    #[arg(long)]
+    mirror_max_lag_bytes: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -138,6 +142,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     opts.server_header = Some(args.server_header);
     opts.drain_timeout = Duration::from_secs(args.drain_seconds);
     opts.max_buffered_body = args.max_request_buffer_bytes;
+    opts.mirror_max_lag = args.mirror_max_lag_bytes;
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(waypoint::run(opts, shutdown_signal()))?;
     Ok(())

@@ -42,6 +42,9 @@ pub struct Options {
     pub cert_ttl: Duration,
     /// Largest request body buffered so the request can be retried or mirrored.
     pub max_buffered_body: usize,
+    /// How far (bytes) a mirror copy of a streamed (unbuffered) body may fall behind the
+    /// original before the copy is abandoned; `None` = `max_buffered_body`.
+    pub mirror_max_lag: Option<usize>,
     /// After SIGTERM, how long in-flight requests get before connections are dropped.
     pub drain_timeout: Duration,
 }
@@ -62,6 +65,7 @@ impl Options {
             server_header: Some(DEFAULT_SERVER_HEADER.to_owned()),
             cert_ttl: Duration::from_secs(24 * 3600),
             max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+            mirror_max_lag: None,
             drain_timeout: Duration::from_secs(20),
         }
     }

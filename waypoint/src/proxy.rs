@@ -63,6 +63,8 @@ pub struct Proxy {
     pub access_log: AccessLogger,
     pub server_header: Option<HeaderValue>,
     pub max_buffered_body: usize,
+    /// Bytes a mirror copy of a streamed body may lag the original before it is abandoned.
+    pub mirror_max_lag: usize,
     pub http_server: auto::Builder<TokioExecutor>,
     /// Cancelled on SIGTERM: HTTP connections inside tunnels finish their requests and close.
     pub shutdown: CancellationToken,
@@ -133,6 +135,7 @@ impl Proxy {
                 .filter(|s| !s.is_empty())
                 .and_then(|s| HeaderValue::from_str(s).ok()),
             max_buffered_body: opts.max_buffered_body,
+            mirror_max_lag: opts.mirror_max_lag.unwrap_or(opts.max_buffered_body),
             http_server: http_server(),
             shutdown: CancellationToken::new(),
             mirrors: Arc::new(Semaphore::new(crate::http::mirror::MAX_IN_FLIGHT)),

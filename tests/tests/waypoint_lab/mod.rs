@@ -176,6 +176,8 @@ pub struct LabConfig {
     /// Relay targets, `host:port` (host names resolved to VIPs from the config) or `ip:port`.
     /// Target `i` is reachable at `CLIENT_IP:18000+i`.
     pub targets: Vec<String>,
+    /// Extra waypoint command-line arguments.
+    pub waypoint_args: Vec<String>,
 }
 
 impl LabConfig {
@@ -184,7 +186,14 @@ impl LabConfig {
             policy: "ALLOW_ANY",
             yaml: yaml.into(),
             targets: targets.iter().map(|t| (*t).to_owned()).collect(),
+            waypoint_args: Vec::new(),
         }
+    }
+
+    pub fn waypoint_args(mut self, args: &[&str]) -> Self {
+        self.waypoint_args
+            .extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
     pub fn registry_only(mut self) -> Self {
@@ -358,6 +367,7 @@ impl WaypointLab {
                 &format!("{DNS_IP}:53"),
             ])
             .args(["--drain-seconds", "6"])
+            .args(&cfg.waypoint_args)
             // The seeds' DestinationRules carry no caCertificates: the "system" roots are the
             // test internet's CA (rustls-native-certs reads SSL_CERT_FILE).
             .env("SSL_CERT_FILE", pki.path().join("ca.pem"))

@@ -318,7 +318,7 @@ pub async fn handle(
                 let (main, copies) = body::tee(
                     std::mem::replace(s, body::empty()),
                     sampled.len(),
-                    proxy.max_buffered_body,
+                    proxy.mirror_max_lag,
                 );
                 *s = main;
                 copies
