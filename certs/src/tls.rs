@@ -32,10 +32,12 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| {
     let mut provider = aws_lc_rs::default_provider();
-    // Istio's HBONE suites; TLS 1.3 only, so no TLS 1.2 suites either.
+    // Istio's HBONE suites; TLS 1.3 only, so no TLS 1.2 suites either. AES-128-GCM first: ~20 %
+    // cheaper per byte than AES-256-GCM with AES-NI (`openssl speed` here), and an Istio peer
+    // accepts either (rustls servers follow the client's order unless told otherwise).
     provider.cipher_suites = vec![
-        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
         aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
     Arc::new(provider)
 });

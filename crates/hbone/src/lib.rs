@@ -10,8 +10,10 @@
 //!
 //! # On the wire
 //!
-//! **TLS.** TLS 1.3 only, AES-256-GCM / AES-128-GCM, ALPN `h2` on both sides (a peer that does
-//! not negotiate `h2` is dropped). The rustls configurations come from
+//! **TLS.** TLS 1.3 only, AES-128-GCM / AES-256-GCM (Istio's two suites; our client offers
+//! AES-128 first, ~20 % cheaper per byte, and our server follows the client's order, so an Istio
+//! peer gets its own preference), ALPN `h2` on both sides (a peer that does not negotiate `h2` is
+//! dropped). The rustls configurations come from
 //! [`certs::IdentityManager`]: the client presents the source workload's certificate, sends no
 //! SNI and does no session resumption, and accepts the server only if its chain verifies
 //! against the trust bundle and one of its URI SANs is in the request's expected identities.
