@@ -19,7 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::gateway::{Gateway, GatewayStatus, GatewayStatusAddress};
+use crate::gateway::{
+    Gateway, GatewayClass, GatewayClassStatus, GatewayStatus, GatewayStatusAddress,
+};
 
 /// The Gateway API label that ties a waypoint's objects (and pods) to their Gateway; the mesh
 /// config finds waypoint pods by it.
@@ -37,6 +39,9 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 pub const CA_MOUNT_PATH: &str = "/etc/strait/ca";
 /// The Gateway API's default class for Istio waypoints.
 pub const DEFAULT_GATEWAY_CLASS: &str = "istio-waypoint";
+/// The `spec.controllerName` of the GatewayClass this controller implements (deploy/strait.yaml).
+/// Ours, not Istio's `istio.io/mesh-controller`: a class naming Istio's controller is left alone.
+pub const CONTROLLER_NAME: &str = "strait.dev/waypoint-controller";
 
 /// HBONE (Istio's 15008).
 pub const HBONE_PORT: i32 = mesh_config::snapshot::HBONE_PORT as i32;
@@ -467,19 +472,7 @@ pub fn desired_status(
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        let last_transition_time = previous
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            observed_generation: generation,
-            last_transition_time,
-        }
+        make_condition(previous, type_, ok, reason, message, generation, now)
     };
     GatewayStatus {
         addresses,
@@ -495,22 +488,92 @@ pub fn desired_status(
     }
 }
 
+/// A condition of `type_`; it keeps the `lastTransitionTime` of the `previous` condition of the
+/// same type when its status did not change.
+fn make_condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether some condition in `desired` is missing from `current` or differs from it. Conditions
+/// of other types (other writers') are not compared.
+fn conditions_differ(current: &[Condition], desired: &[Condition]) -> bool {
+    desired.iter().any(|want| {
+        current
+            .iter()
+            .find(|c| c.type_ == want.type_)
+            .is_none_or(|have| have != want)
+    })
+}
+
 /// Whether `gateway`'s current status differs from `desired` in anything we own. Conditions of
 /// other types (other writers') are not compared.
 pub fn status_differs(gateway: &Gateway, desired: &GatewayStatus) -> bool {
     let Some(current) = &gateway.status else {
         return true;
     };
-    if current.addresses != desired.addresses {
-        return true;
+    current.addresses != desired.addresses
+        || conditions_differ(&current.conditions, &desired.conditions)
+}
+
+/// Whether `class` is the one this controller implements: its name is the configured class
+/// **and** its `controllerName` is ours. A class of our name that names another controller (e.g.
+/// Istio's `istio.io/mesh-controller`) is not ours to report on; nor is a class of another name
+/// that names us — a second strait controller, run with another `--gateway-class`, owns that one,
+/// and two controllers writing one class's status would fight.
+pub fn is_our_class(class: &GatewayClass, settings: &Settings) -> bool {
+    class.metadata.name.as_deref() == Some(settings.gateway_class.as_str())
+        && class.spec.controller_name == CONTROLLER_NAME
+}
+
+/// The status of our GatewayClass: `Accepted=True`, as istiod reports for its classes. There is
+/// nothing to reject: the class has no `parametersRef` we would read.
+pub fn desired_class_status(class: &GatewayClass, now: &Time) -> GatewayClassStatus {
+    let previous = class
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    GatewayClassStatus {
+        conditions: vec![make_condition(
+            previous,
+            "Accepted",
+            true,
+            "Accepted",
+            "handled by the strait waypoint controller".to_owned(),
+            class.metadata.generation,
+            now,
+        )],
     }
-    desired.conditions.iter().any(|want| {
-        current
-            .conditions
-            .iter()
-            .find(|c| c.type_ == want.type_)
-            .is_none_or(|have| have != want)
-    })
+}
+
+/// Whether `class`'s current status differs from `desired` in the conditions we own.
+pub fn class_status_differs(class: &GatewayClass, desired: &GatewayClassStatus) -> bool {
+    let current = class
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    conditions_differ(current, &desired.conditions)
 }
 
 #[cfg(test)]
@@ -926,5 +989,114 @@ mod tests {
         let mut gw2 = gateway("wp", "ns1", "istio-waypoint");
         gw2.status = Some(with_other);
         assert!(!status_differs(&gw2, &first));
+    }
+
+    fn gateway_class(name: &str, controller: &str) -> GatewayClass {
+        GatewayClass {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                generation: Some(3),
+                ..ObjectMeta::default()
+            },
+            spec: crate::gateway::GatewayClassSpec {
+                controller_name: controller.to_owned(),
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_class_is_ours_by_name_and_controller_name() {
+        let s = settings();
+        let cases = [
+            ("ours", "istio-waypoint", CONTROLLER_NAME, true),
+            (
+                "istio's",
+                "istio-waypoint",
+                "istio.io/mesh-controller",
+                false,
+            ),
+            ("no controller", "istio-waypoint", "", false),
+            ("another name", "strait-b", CONTROLLER_NAME, false),
+        ];
+        for (what, name, controller, want) in cases {
+            assert_eq!(
+                is_our_class(&gateway_class(name, controller), &s),
+                want,
+                "{what}"
+            );
+        }
+        let mut nameless = gateway_class("istio-waypoint", CONTROLLER_NAME);
+        nameless.metadata.name = None;
+        assert!(!is_our_class(&nameless, &s));
+        let mut custom = s.clone();
+        custom.gateway_class = "strait-b".to_owned();
+        assert!(is_our_class(
+            &gateway_class("strait-b", CONTROLLER_NAME),
+            &custom
+        ));
+    }
+
+    #[test]
+    fn class_status_is_accepted_and_rewritten_only_on_change() {
+        let epoch = time("1970-01-01T00:00:00Z");
+        let earlier = time("2026-11-23T10:00:00Z");
+        let now = time("2026-11-23T15:00:00Z");
+        let mut class = gateway_class("istio-waypoint", CONTROLLER_NAME);
+        // What the CRD defaults a new class's status to.
+        class.status = Some(GatewayClassStatus {
+            conditions: vec![Condition {
+                type_: "Accepted".to_owned(),
+                status: "Unknown".to_owned(),
+                reason: "Pending".to_owned(),
+                message: "Waiting for controller".to_owned(),
+                observed_generation: None,
+                last_transition_time: epoch,
+            }],
+        });
+        let first = desired_class_status(&class, &earlier);
+        assert_eq!(
+            first.conditions,
+            [Condition {
+                type_: "Accepted".to_owned(),
+                status: "True".to_owned(),
+                reason: "Accepted".to_owned(),
+                message: "handled by the strait waypoint controller".to_owned(),
+                observed_generation: Some(3),
+                last_transition_time: earlier.clone(),
+            }]
+        );
+        assert!(class_status_differs(&class, &first), "Unknown → True");
+
+        class.status = Some(first.clone());
+        let again = desired_class_status(&class, &now);
+        assert_eq!(again, first, "unchanged: the old transition time is kept");
+        assert!(!class_status_differs(&class, &again));
+
+        // Another writer's condition is not ours to compare.
+        let mut with_other = first.clone();
+        with_other.conditions.insert(
+            0,
+            Condition {
+                type_: "SupportedVersion".to_owned(),
+                status: "True".to_owned(),
+                reason: "SupportedVersion".to_owned(),
+                message: String::new(),
+                observed_generation: Some(3),
+                last_transition_time: earlier.clone(),
+            },
+        );
+        class.status = Some(with_other);
+        assert!(!class_status_differs(&class, &again));
+
+        // A new generation (e.g. an edited description) must be observed.
+        class.metadata.generation = Some(4);
+        let next = desired_class_status(&class, &now);
+        assert!(class_status_differs(&class, &next));
+        assert_eq!(next.conditions[0].observed_generation, Some(4));
+        assert_eq!(next.conditions[0].last_transition_time, earlier);
+
+        class.status = None;
+        assert!(class_status_differs(&class, &next), "no status at all");
     }
 }

@@ -1,6 +1,6 @@
 //! The I/O edge: applies [`crate::desired`]'s objects with server-side apply, writes the Gateway
-//! status, removes our objects when a Gateway stops being ours, and runs the
-//! [`kube::runtime::Controller`].
+//! and GatewayClass status, removes our objects when a Gateway stops being ours, and runs the
+//! [`kube::runtime::Controller`]s (one for Gateways, one for GatewayClasses).
 //!
 //! Deletion: every object carries a controller ownerReference to its Gateway, so when a Gateway
 //! is deleted **Kubernetes' garbage collector does the work**; the controller is not even called
@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::desired::{
     self, FIELD_MANAGER, GatewayRef, InvalidGateway, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Settings,
 };
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, GatewayClass};
 use crate::metrics::{ControllerMetrics, Outcome};
 
 /// Resync interval for a healthy Gateway: watches deliver changes, this only repairs drift a
@@ -83,6 +83,23 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Counts one more consecutive failure of `key`: the attempt number and its retry delay.
+    fn next_retry(&self, key: String) -> (u32, Duration) {
+        let mut failures = self.failures();
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        (*n, backoff_delay(*n))
+    }
+}
+
+/// The backoff key of a GatewayClass. Gateway keys are `namespace/name`; a class name holds no
+/// space, a namespace neither, so the two never collide.
+fn class_key(class: &GatewayClass) -> String {
+    format!(
+        "GatewayClass {}",
+        class.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 fn key_of(gateway: &Gateway) -> String {
@@ -124,13 +141,7 @@ pub fn error_policy(gateway: Arc<Gateway>, error: &Error, ctx: Arc<Context>) -> 
             Action::await_change()
         }
         Error::Kube(error) => {
-            let attempt = {
-                let mut failures = ctx.failures();
-                let n = failures.entry(key.clone()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            };
-            let delay = backoff_delay(attempt);
+            let (attempt, delay) = ctx.next_retry(key.clone());
             warn!(gateway = %key, %error, attempt, retry_in = ?delay, "reconcile failed");
             Action::requeue(delay)
         }
@@ -205,6 +216,50 @@ async fn reconcile_gateway(gateway: &Gateway, ctx: &Context) -> Result<Outcome, 
     } else {
         Outcome::Pending
     })
+}
+
+/// The reconciler of the GatewayClass controller: sets `Accepted=True` on our class (see
+/// [`desired::is_our_class`]) with a server-side apply of the status subresource, only when that
+/// changes it. Any other class — Istio's of the same name included — gets no request at all.
+pub async fn reconcile_class(class: Arc<GatewayClass>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !desired::is_our_class(&class, &ctx.settings) {
+        // `controllerName` is immutable, so a class that is not ours never becomes ours by an
+        // edit; a replacement class is a new object and reconciled on its own.
+        debug!(class = ?class.metadata.name, controller = %class.spec.controller_name,
+            "gateway class is not ours; leaving it");
+        return Ok(Action::await_change());
+    }
+    let name = class.metadata.name.as_deref().unwrap_or_default();
+    let now = Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_default());
+    let status = desired::desired_class_status(&class, &now);
+    if desired::class_status_differs(&class, &status) {
+        // Like the Gateway status: we own our condition (conditions are a list-map keyed by
+        // type), other writers' conditions stay.
+        let body = serde_json::json!({
+            "apiVersion": <GatewayClass as k8s_openapi::Resource>::API_VERSION,
+            "kind": <GatewayClass as k8s_openapi::Resource>::KIND,
+            "metadata": { "name": name },
+            "status": status,
+        });
+        Api::<GatewayClass>::all(ctx.client.clone())
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+        info!(class = %name, "gateway class accepted");
+    }
+    ctx.failures().remove(&class_key(&class));
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The error policy of the GatewayClass controller: API errors retry with exponential backoff.
+pub fn class_error_policy(class: Arc<GatewayClass>, error: &Error, ctx: Arc<Context>) -> Action {
+    let (attempt, delay) = ctx.next_retry(class_key(&class));
+    warn!(class = ?class.metadata.name, %error, attempt, retry_in = ?delay,
+        "gateway class reconcile failed");
+    Action::requeue(delay)
 }
 
 /// Whether `meta` is an object this controller created for `gw`: our label and a controller
@@ -284,10 +339,12 @@ async fn release_status(client: &Client, gw: &GatewayRef) -> Result<(), kube::Er
     }
 }
 
-/// Runs the controller until `shutdown` completes: watches every Gateway (the class is in the
+/// Runs the controllers until `shutdown` completes: one watches every Gateway (the class is in the
 /// spec, which no field selector can filter on) and our own objects (by label), so a change to
 /// either — e.g. the Service getting its cluster IP, the Deployment becoming available —
-/// reconciles the owning Gateway. `on_ready` is called once the Gateway cache has synced.
+/// reconciles the owning Gateway; the other watches the GatewayClass of our name (a field
+/// selector on `metadata.name`) and reports it accepted. `on_ready` is called once the Gateway
+/// cache has synced.
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -295,6 +352,13 @@ pub async fn run(
     on_ready: impl FnOnce() + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    // Both controllers stop on the same signal.
+    let shutdown = shutdown.boxed().shared();
+    let classes = Controller::new(
+        Api::<GatewayClass>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", settings.gateway_class)),
+    )
+    .graceful_shutdown_on(shutdown.clone());
     let owned = watcher::Config::default().labels(&desired::managed_selector());
     let controller = Controller::new(
         Api::<Gateway>::all(client.clone()),
@@ -324,8 +388,8 @@ pub async fn run(
         }
     });
     let ctx = Arc::new(Context::new(client, settings, metrics));
-    controller
-        .run(reconcile, error_policy, ctx)
+    let gateways = controller
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => debug!(gateway = %object, "reconciled"),
@@ -338,8 +402,21 @@ pub async fn run(
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
                 Err(error) => warn!(%error, "controller"),
             }
-        })
-        .await;
+        });
+    let classes = classes
+        .run(reconcile_class, class_error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(class = %object, "reconciled"),
+                Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    debug!(class = %object, "gateway class is gone")
+                }
+                // Already logged by `class_error_policy`.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(error) => warn!(%error, "gateway class controller"),
+            }
+        });
+    futures::join!(gateways, classes);
 }
 
 #[cfg(test)]

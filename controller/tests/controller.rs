@@ -1,6 +1,7 @@
 //! The `kube::runtime::Controller` wiring of [`waypoint_controller::run`], against a scripted API
-//! server: the watches it opens (Gateways, and our objects by label), readiness once the Gateway
-//! cache synced, applies for a Gateway of our class only, and shutdown.
+//! server: the watches it opens (Gateways, our objects by label, our GatewayClass by name),
+//! readiness once the Gateway cache synced, applies for a Gateway of our class only, the
+//! GatewayClass accepted, and shutdown.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,9 @@ use waypoint_controller::{ControllerMetrics, Outcome, Settings};
 type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
 
 const MANAGED_SELECTOR: &str = "labelSelector=strait.dev%2Fmanaged-by%3Dwaypoint-controller";
+const CLASS_SELECTOR: &str = "fieldSelector=metadata.name%3Distio-waypoint";
+const CLASS_STATUS: &str =
+    "/apis/gateway.networking.k8s.io/v1/gatewayclasses/istio-waypoint/status";
 
 fn json_body(value: &Value) -> ResponseBody {
     Full::new(Bytes::from(serde_json::to_vec(value).expect("json"))).boxed_unsync()
@@ -67,6 +71,7 @@ async fn the_controller_watches_and_applies_for_our_gateways_only() {
         let seen = seen.clone();
         async move {
             let mut lists = Vec::new();
+            let (mut gateway_status, mut class_status) = (None, None);
             loop {
                 let (request, send) = handle.next_request().await.expect("a request");
                 let method = request.method().clone();
@@ -95,6 +100,17 @@ async fn the_controller_watches_and_applies_for_our_gateways_only() {
                         "/apis/apps/v1/deployments" => list("Deployment", vec![]),
                         "/api/v1/services" => list("Service", vec![]),
                         "/api/v1/serviceaccounts" => list("ServiceAccount", vec![]),
+                        // What the field selector leaves of the classes.
+                        "/apis/gateway.networking.k8s.io/v1/gatewayclasses" => list(
+                            "GatewayClass",
+                            vec![json!({
+                                "apiVersion": "gateway.networking.k8s.io/v1",
+                                "kind": "GatewayClass",
+                                "metadata": {"name": "istio-waypoint", "uid": "uid-class",
+                                             "generation": 1, "resourceVersion": "10"},
+                                "spec": {"controllerName": "strait.dev/waypoint-controller"}
+                            })],
+                        ),
                         other => panic!("unexpected GET {other}"),
                     };
                     send.send_response(reply(StatusCode::OK, json_body(&body)));
@@ -109,17 +125,26 @@ async fn the_controller_watches_and_applies_for_our_gateways_only() {
                 if path.ends_with("/deployments/wp") {
                     object["status"] = json!({"availableReplicas": 1});
                 }
-                let done = path.ends_with("/gateways/wp/status");
                 send.send_response(reply(StatusCode::OK, json_body(&object)));
-                if done {
-                    return (lists, object);
+                // The two controllers run concurrently: either status may come first.
+                if path.ends_with("/gateways/wp/status") {
+                    gateway_status = Some(object);
+                } else if path == CLASS_STATUS {
+                    class_status = Some(object);
+                }
+                if let (Some(_), Some(_)) = (&gateway_status, &class_status) {
+                    return (lists, gateway_status, class_status);
                 }
             }
         }
     };
-    let (lists, status) = tokio::time::timeout(Duration::from_secs(20), server)
+    let (lists, status, class_status) = tokio::time::timeout(Duration::from_secs(20), server)
         .await
-        .expect("the controller applied and wrote status");
+        .expect("the controller applied and wrote both statuses");
+    let (status, class_status) = (
+        status.expect("gateway status"),
+        class_status.expect("class status"),
+    );
     tokio::time::timeout(Duration::from_secs(5), ready_rx)
         .await
         .unwrap_or_else(|_| {
@@ -146,6 +171,20 @@ async fn the_controller_watches_and_applies_for_our_gateways_only() {
         !gateway_query.contains("labelSelector"),
         "every Gateway is watched"
     );
+    let (_, class_query) = lists
+        .iter()
+        .find(|(path, _)| path.ends_with("/gatewayclasses"))
+        .expect("gateway classes listed");
+    assert!(
+        class_query.contains(CLASS_SELECTOR),
+        "only our class: {class_query}"
+    );
+    let accepted = &class_status["status"]["conditions"][0];
+    assert_eq!(
+        (&accepted["type"], &accepted["status"], &accepted["reason"]),
+        (&json!("Accepted"), &json!("True"), &json!("Accepted"))
+    );
+    assert_eq!(accepted["observedGeneration"], 1);
 
     assert_eq!(status["status"]["addresses"][0]["value"], "10.96.0.5");
     let writes: Vec<String> = seen
@@ -155,6 +194,12 @@ async fn the_controller_watches_and_applies_for_our_gateways_only() {
         .filter(|(m, _)| *m == Method::PATCH)
         .map(|(_, p)| p.split('?').next().unwrap_or_default().to_owned())
         .collect();
+    assert_eq!(
+        writes.iter().filter(|w| *w == CLASS_STATUS).count(),
+        1,
+        "the class status is written once"
+    );
+    let writes: Vec<&String> = writes.iter().filter(|w| *w != CLASS_STATUS).collect();
     assert_eq!(
         writes,
         [

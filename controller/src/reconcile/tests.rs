@@ -9,6 +9,7 @@ use prometheus::Registry;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::gateway::GatewayClassStatus;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -607,4 +608,161 @@ fn ownership_needs_our_label_and_a_controller_reference_to_this_gateway() {
     let mut not_controller = owned_object("v1", "Service", "s", "gw-uid-1");
     not_controller["metadata"]["ownerReferences"][0]["controller"] = json!(false);
     assert!(!owned_by(&meta(not_controller), &gw));
+}
+
+const CLASS_STATUS_PATH: &str =
+    "/apis/gateway.networking.k8s.io/v1/gatewayclasses/istio-waypoint/status";
+
+/// A GatewayClass as the API server returns it right after creation: the CRD defaults the
+/// Accepted condition to Unknown/Pending.
+fn gateway_class(name: &str, controller: &str) -> GatewayClass {
+    serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GatewayClass",
+        "metadata": {"name": name, "uid": "gc-uid-1", "generation": 2, "resourceVersion": "50"},
+        "spec": {"controllerName": controller, "description": "strait waypoints"},
+        "status": {"conditions": [{
+            "type": "Accepted", "status": "Unknown", "reason": "Pending",
+            "message": "Waiting for controller", "lastTransitionTime": "1970-01-01T00:00:00Z"
+        }]}
+    }))
+    .expect("gateway class parses")
+}
+
+#[tokio::test]
+async fn our_gateway_class_is_accepted_with_one_status_apply() {
+    let (ctx, mut handle) = context();
+    let class = Arc::new(gateway_class("istio-waypoint", desired::CONTROLLER_NAME));
+    let (result, seen) = tokio::time::timeout(TEST_TIMEOUT, async {
+        tokio::join!(
+            reconcile_class(class, ctx.clone()),
+            answer(&mut handle, StatusCode::OK, |b| b.clone())
+        )
+    })
+    .await
+    .expect("reconcile finished");
+    assert_eq!(result.expect("reconciled"), Action::requeue(RESYNC));
+
+    assert_apply(&seen, CLASS_STATUS_PATH);
+    let mut body = seen.body;
+    // The transition time is "now": a real time, not the CRD's placeholder epoch.
+    let transition = body["status"]["conditions"][0]
+        .as_object_mut()
+        .and_then(|c| c.remove("lastTransitionTime"))
+        .expect("lastTransitionTime");
+    let transition: Timestamp = transition
+        .as_str()
+        .expect("a string")
+        .parse()
+        .expect("an RFC 3339 time");
+    assert!(transition > Timestamp::UNIX_EPOCH, "{transition}");
+    assert_eq!(
+        body,
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GatewayClass",
+            "metadata": {"name": "istio-waypoint"},
+            "status": {"conditions": [{
+                "type": "Accepted", "status": "True", "reason": "Accepted",
+                "message": "handled by the strait waypoint controller",
+                "observedGeneration": 2
+            }]}
+        }),
+        "only our condition, no spec"
+    );
+    drop(ctx);
+    assert!(handle.next_request().await.is_none(), "exactly one request");
+}
+
+#[tokio::test]
+async fn an_accepted_gateway_class_is_not_rewritten() {
+    let (ctx, mut handle) = context();
+    let mut class = gateway_class("istio-waypoint", desired::CONTROLLER_NAME);
+    let accepted: GatewayClassStatus = serde_json::from_value(json!({"conditions": [
+        {"type": "Accepted", "status": "True", "reason": "Accepted",
+         "message": "handled by the strait waypoint controller", "observedGeneration": 2,
+         "lastTransitionTime": "2026-11-23T10:00:00Z"},
+        // Another writer's condition does not make ours differ.
+        {"type": "SupportedVersion", "status": "True", "reason": "SupportedVersion",
+         "message": "", "observedGeneration": 2, "lastTransitionTime": "2026-11-23T10:00:00Z"}
+    ]}))
+    .expect("status parses");
+    class.status = Some(accepted);
+    let result = tokio::time::timeout(TEST_TIMEOUT, reconcile_class(Arc::new(class), ctx.clone()))
+        .await
+        .expect("reconcile finished without waiting on the API");
+    assert_eq!(result.expect("reconciled"), Action::requeue(RESYNC));
+    drop(ctx);
+    assert!(handle.next_request().await.is_none(), "no status patch");
+}
+
+#[tokio::test]
+async fn gateway_classes_that_are_not_ours_get_no_request() {
+    // (name, controllerName): Istio's class of our name, and a class naming us under another
+    // name (a second strait controller's, run with another --gateway-class).
+    let cases = [
+        ("istio-waypoint", "istio.io/mesh-controller"),
+        ("istio-waypoint", ""),
+        ("strait-b", desired::CONTROLLER_NAME),
+    ];
+    for (name, controller) in cases {
+        let (ctx, mut handle) = context();
+        let class = Arc::new(gateway_class(name, controller));
+        let result = tokio::time::timeout(TEST_TIMEOUT, reconcile_class(class, ctx.clone()))
+            .await
+            .expect("reconcile finished without waiting on the API");
+        assert_eq!(
+            result.expect("ignored"),
+            Action::await_change(),
+            "{name} {controller}"
+        );
+        drop(ctx);
+        assert!(
+            handle.next_request().await.is_none(),
+            "{name} {controller}: left alone"
+        );
+    }
+}
+
+#[tokio::test]
+async fn gateway_class_api_errors_back_off() {
+    let (ctx, mut handle) = context();
+    let class = Arc::new(gateway_class("istio-waypoint", desired::CONTROLLER_NAME));
+    let (result, seen) = tokio::time::timeout(TEST_TIMEOUT, async {
+        tokio::join!(
+            reconcile_class(class.clone(), ctx.clone()),
+            answer(&mut handle, StatusCode::FORBIDDEN, |_| {
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "message": "gatewayclasses.gateway.networking.k8s.io \"istio-waypoint\" is forbidden",
+                   "reason": "Forbidden", "code": 403})
+            })
+        )
+    })
+    .await
+    .expect("reconcile finished");
+    assert_apply(&seen, CLASS_STATUS_PATH);
+    let error = result.expect_err("a 403 fails the reconcile");
+    assert!(
+        matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 403),
+        "{error:?}"
+    );
+    assert_eq!(
+        class_error_policy(class.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+    assert_eq!(
+        class_error_policy(class, &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(2))
+    );
+    // The class's backoff is its own: a Gateway's first failure starts at 1 s.
+    let gw_error = Error::Kube(kube::Error::Api(
+        serde_json::from_value(
+            json!({"status": "Failure", "message": "boom", "reason": "InternalError", "code": 500}),
+        )
+        .expect("status"),
+    ));
+    assert_eq!(
+        error_policy(Arc::new(gateway("istio-waypoint")), &gw_error, ctx),
+        Action::requeue(Duration::from_secs(1))
+    );
 }
