@@ -1065,6 +1065,16 @@ fn rbac_is_least_privilege() {
     let controller = grants(&find(&docs, "ClusterRole", "strait-waypoint-controller").value);
     let has = |g: &str, r: &str, v: &str| controller.contains(&(g.into(), r.into(), v.into()));
     assert!(has("gateway.networking.k8s.io", "gateways/status", "patch"));
+    // It marks its GatewayClass Accepted: reads classes, patches only their status.
+    assert!(has("gateway.networking.k8s.io", "gatewayclasses", "watch"));
+    assert!(has(
+        "gateway.networking.k8s.io",
+        "gatewayclasses/status",
+        "patch"
+    ));
+    assert!(!has("gateway.networking.k8s.io", "gatewayclasses", "patch"));
+    // Every write is a server-side apply (patch) or a delete.
+    assert!(!controller.iter().any(|(_, _, v)| v == "update"));
     assert!(!has("gateway.networking.k8s.io", "gateways", "update"));
     assert!(!has("gateway.networking.k8s.io", "gateways", "delete"));
     for r in ["deployments", "services", "serviceaccounts"] {
