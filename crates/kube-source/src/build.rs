@@ -51,11 +51,16 @@ fn captured_on(pod: &DynamicObject, node: &str) -> bool {
             != Some(true)
 }
 
-/// Turns the cached objects into loader sources. With `netns` (ztunnel: node name and
+/// Turns the cached objects into loader sources, each kind at the version it is watched at
+/// (`versions`, index-aligned with [`KINDS`]). With `netns` (ztunnel: node name and
 /// discovery), pods on that node get the [`NETNS_ANNOTATION`] of their network namespace.
 /// Whatever the cluster says in that annotation is dropped: it names a namespace ztunnel
 /// enters as root, so only our own discovery may set it.
-pub(crate) fn sources(objects: &Objects, netns: Option<(&str, &mut NetnsDiscovery)>) -> Sources {
+pub(crate) fn sources(
+    objects: &Objects,
+    versions: &[&str],
+    netns: Option<(&str, &mut NetnsDiscovery)>,
+) -> Sources {
     let mut found: HashMap<String, PathBuf> = HashMap::new();
     let mut wanted = 0usize;
     let node = netns.as_ref().map(|(n, _)| *n);
@@ -69,7 +74,7 @@ pub(crate) fn sources(objects: &Objects, netns: Option<(&str, &mut NetnsDiscover
         found = discovery.resolve(uids);
     }
     let mut out = Sources::default();
-    for (spec, objs) in KINDS.iter().zip(objects) {
+    for ((spec, objs), version) in KINDS.iter().zip(objects).zip(versions) {
         let mut sorted: Vec<&Arc<DynamicObject>> = objs.iter().collect();
         // Stable input order: the loader reports duplicates and merges VirtualServices in
         // load order, and a stable text lets unchanged input skip the rebuild.
@@ -94,7 +99,7 @@ pub(crate) fn sources(objects: &Objects, netns: Option<(&str, &mut NetnsDiscover
                 }
                 _ => None,
             };
-            match to_json(spec, obj, netns) {
+            match to_json(spec, version, obj, netns) {
                 Ok(text) => out.files.push((file_name(spec, obj), text)),
                 // Cannot happen for data that came from JSON; never drop silently though.
                 Err(error) => {
@@ -127,12 +132,16 @@ fn file_name(spec: &KindSpec, obj: &DynamicObject) -> String {
 /// from the watched resource.
 fn to_json(
     spec: &KindSpec,
+    version: &str,
     obj: &DynamicObject,
     netns: Option<&PathBuf>,
 ) -> Result<String, serde_json::Error> {
     let mut v = serde_json::to_value(obj)?;
     if let Some(map) = v.as_object_mut() {
-        map.insert("apiVersion".into(), Value::String(spec.api_version()));
+        map.insert(
+            "apiVersion".into(),
+            Value::String(spec.api_version(version)),
+        );
         map.insert("kind".into(), Value::String(spec.kind.into()));
         if std::ptr::eq(spec, &KINDS[POD]) {
             set_netns(map, netns);
@@ -167,6 +176,32 @@ mod tests {
 
     fn obj(v: Value) -> Arc<DynamicObject> {
         Arc::new(serde_json::from_value(v).expect("object"))
+    }
+
+    fn preferred() -> Vec<&'static str> {
+        KINDS.iter().map(KindSpec::preferred_version).collect()
+    }
+
+    #[test]
+    fn objects_carry_the_version_they_were_watched_at() {
+        // List items have no apiVersion; the loader must see the one actually served.
+        let vs = KINDS
+            .iter()
+            .position(|k| k.kind == "VirtualService")
+            .expect("VirtualService");
+        let mut o: Objects = vec![Vec::new(); KINDS.len()];
+        o[vs] = vec![obj(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "default"},
+            "spec": {"hosts": ["a.example"]},
+        }))];
+        let mut versions = preferred();
+        versions[vs] = "v1beta1";
+        let s = sources(&o, &versions, None);
+        assert_eq!(s.files.len(), 1);
+        assert_eq!(s.files[0].0, "default/virtualservices/a");
+        let v: Value = serde_json::from_str(&s.files[0].1).expect("json");
+        assert_eq!(v["apiVersion"], "networking.istio.io/v1beta1");
+        assert_eq!(v["kind"], "VirtualService");
     }
 
     fn objects(pods: Vec<Arc<DynamicObject>>) -> Objects {
@@ -208,7 +243,7 @@ mod tests {
             pod("e", uid, "n1", false, "Pending"),
         ]);
         let mut d = NetnsDiscovery::new(proc.path().to_path_buf());
-        let s = sources(&o, Some(("n1", &mut d)));
+        let s = sources(&o, &preferred(), Some(("n1", &mut d)));
         let ann: Vec<(String, Option<String>)> = s
             .files
             .iter()
@@ -238,7 +273,7 @@ mod tests {
         assert_eq!(s.pods_without_netns, 1);
 
         // Waypoint (no node): nothing is annotated, the cluster's value is still dropped.
-        let s = sources(&o, None);
+        let s = sources(&o, &preferred(), None);
         assert!(s.files.iter().all(|(_, t)| !t.contains(NETNS_ANNOTATION)));
         assert_eq!(s.pods_without_netns, 0);
     }

@@ -27,26 +27,39 @@ pub struct KindSpec {
     pub kind: &'static str,
     /// API group, empty for the core group.
     pub group: &'static str,
-    pub version: &'static str,
+    /// Versions we read, preferred first; never empty. With more than one, the first the API
+    /// server serves is discovered before watching (older control planes serve only older
+    /// versions; the fields we read are the same in all of them).
+    pub versions: &'static [&'static str],
     pub plural: &'static str,
     pub scope: Scope,
 }
 
 impl KindSpec {
+    /// The preferred version (what a current control plane serves).
+    pub fn preferred_version(&self) -> &'static str {
+        self.versions.first().copied().unwrap_or("v1")
+    }
+
+    /// Whether the served version has to be discovered (more than one candidate).
+    pub fn discovers_version(&self) -> bool {
+        self.versions.len() > 1
+    }
+
     /// `v1` or `<group>/<version>`.
-    pub fn api_version(&self) -> String {
+    pub fn api_version(&self, version: &str) -> String {
         if self.group.is_empty() {
-            self.version.to_owned()
+            version.to_owned()
         } else {
-            format!("{}/{}", self.group, self.version)
+            format!("{}/{version}", self.group)
         }
     }
 
-    pub fn api_resource(&self) -> ApiResource {
+    pub fn api_resource(&self, version: &str) -> ApiResource {
         ApiResource {
             group: self.group.to_owned(),
-            version: self.version.to_owned(),
-            api_version: self.api_version(),
+            version: version.to_owned(),
+            api_version: self.api_version(version),
             kind: self.kind.to_owned(),
             plural: self.plural.to_owned(),
         }
@@ -66,13 +79,13 @@ impl KindSpec {
 const fn all(
     kind: &'static str,
     group: &'static str,
-    version: &'static str,
+    versions: &'static [&'static str],
     plural: &'static str,
 ) -> KindSpec {
     KindSpec {
         kind,
         group,
-        version,
+        versions,
         plural,
         scope: Scope::AllNamespaces,
     }
@@ -81,23 +94,32 @@ const fn all(
 /// Index of the Pod kind in [`KINDS`] (netns discovery annotates these objects).
 pub const POD: usize = 2;
 
-/// Everything mesh-config compiles. Istio's resources at `v1`, the version Istio ≥ 1.22
-/// serves (and stores); Gateway API at `v1`; ASMEgressTrafficPolicy at the
-/// `istio.alibabacloud.com/v1beta1` the ASM guides use.
+const V1: &[&str] = &["v1"];
+/// `v1` since Istio 1.22; older control planes serve `v1beta1` and `v1alpha3` only.
+const ISTIO_NETWORKING: &[&str] = &["v1", "v1beta1", "v1alpha3"];
+/// `v1` since Istio 1.22; `v1beta1` before.
+const ISTIO_SECURITY: &[&str] = &["v1", "v1beta1"];
+/// Gateway and HTTPRoute are `v1` since Gateway API 1.0; `v1beta1` before.
+const GATEWAY_API: &[&str] = &["v1", "v1beta1"];
+
+/// Everything mesh-config compiles. Istio's resources preferably at `v1` (Istio ≥ 1.22), else
+/// at the older version the control plane serves; Gateway API likewise; ASMEgressTrafficPolicy
+/// at the `istio.alibabacloud.com/v1beta1` the ASM guides use. mesh-config's loader accepts
+/// every version listed here.
 pub const KINDS: &[KindSpec] = &[
     KindSpec {
         kind: "Namespace",
         group: "",
-        version: "v1",
+        versions: V1,
         plural: "namespaces",
         scope: Scope::Cluster,
     },
-    all("Service", "", "v1", "services"),
-    all("Pod", "", "v1", "pods"),
+    all("Service", "", V1, "services"),
+    all("Pod", "", V1, "pods"),
     KindSpec {
         kind: "ConfigMap",
         group: "",
-        version: "v1",
+        versions: V1,
         plural: "configmaps",
         scope: Scope::Single {
             namespace: mesh_config::snapshot::ROOT_NAMESPACE,
@@ -107,33 +129,43 @@ pub const KINDS: &[KindSpec] = &[
     all(
         "ServiceEntry",
         "networking.istio.io",
-        "v1",
+        ISTIO_NETWORKING,
         "serviceentries",
     ),
     all(
         "DestinationRule",
         "networking.istio.io",
-        "v1",
+        ISTIO_NETWORKING,
         "destinationrules",
     ),
     all(
         "VirtualService",
         "networking.istio.io",
-        "v1",
+        ISTIO_NETWORKING,
         "virtualservices",
     ),
     all(
         "AuthorizationPolicy",
         "security.istio.io",
-        "v1",
+        ISTIO_SECURITY,
         "authorizationpolicies",
     ),
-    all("Gateway", "gateway.networking.k8s.io", "v1", "gateways"),
-    all("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+    all(
+        "Gateway",
+        "gateway.networking.k8s.io",
+        GATEWAY_API,
+        "gateways",
+    ),
+    all(
+        "HTTPRoute",
+        "gateway.networking.k8s.io",
+        GATEWAY_API,
+        "httproutes",
+    ),
     all(
         "ASMEgressTrafficPolicy",
         "istio.alibabacloud.com",
-        "v1beta1",
+        &["v1beta1"],
         "asmegresstrafficpolicies",
     ),
 ];
@@ -144,8 +176,12 @@ mod tests {
 
     #[test]
     fn every_kind_is_accepted_by_the_loader() {
-        // A kind/apiVersion the loader skipped or rejected would silently drop config.
-        for k in KINDS {
+        // A kind/apiVersion the loader skipped or rejected would silently drop config: every
+        // version we may discover must be read as that kind.
+        for (k, version) in KINDS
+            .iter()
+            .flat_map(|k| k.versions.iter().map(move |v| (k, *v)))
+        {
             let name = "x";
             let ns = if k.scope == Scope::Cluster {
                 String::new()
@@ -154,7 +190,7 @@ mod tests {
             };
             let yaml = format!(
                 "{{apiVersion: {}, kind: {}, metadata: {{{ns}name: {name}}}}}",
-                k.api_version(),
+                k.api_version(version),
                 k.kind
             );
             let loaded = mesh_config::load::read_sources([mesh_config::load::SourceFile {
@@ -180,15 +216,46 @@ mod tests {
                     && loaded.errors.iter().all(|e| {
                         e.kind.as_deref() == Some(k.kind) && !e.message.contains("apiVersion")
                     }));
-            assert!(typed, "{} {}: {:?}", k.api_version(), k.kind, loaded.errors);
+            assert!(
+                typed,
+                "{} {}: {:?}",
+                k.api_version(version),
+                k.kind,
+                loaded.errors
+            );
         }
         assert_eq!(KINDS[POD].kind, "Pod");
+        assert!(KINDS.iter().all(|k| !k.versions.is_empty()));
     }
 
     #[test]
     fn names() {
-        assert_eq!(KINDS[0].api_version(), "v1");
-        assert_eq!(KINDS[4].api_version(), "networking.istio.io/v1");
+        assert_eq!(KINDS[0].api_version("v1"), "v1");
+        assert_eq!(
+            KINDS[4].api_version(KINDS[4].preferred_version()),
+            "networking.istio.io/v1"
+        );
+        assert_eq!(
+            KINDS[7].api_resource("v1beta1").api_version,
+            "security.istio.io/v1beta1"
+        );
+        // Istio's kinds fall back to older versions; core kinds never need discovery.
+        let discovered: Vec<&str> = KINDS
+            .iter()
+            .filter(|k| k.discovers_version())
+            .map(|k| k.kind)
+            .collect();
+        assert_eq!(
+            discovered,
+            [
+                "ServiceEntry",
+                "DestinationRule",
+                "VirtualService",
+                "AuthorizationPolicy",
+                "Gateway",
+                "HTTPRoute"
+            ]
+        );
         assert_eq!(
             KINDS[10].resource_name(),
             "asmegresstrafficpolicies.istio.alibabacloud.com"

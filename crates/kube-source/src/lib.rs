@@ -1,9 +1,11 @@
 //! The Kubernetes API as the mesh configuration source.
 //!
-//! One watcher + reflector per kind mesh-config compiles (see [`kinds::KINDS`]). On any change
-//! the source waits for a quiet period (debounce), turns every cached object into JSON and
-//! compiles the lot with [`mesh_config::load_sources`] — the same loader, validation and error
-//! messages as directory mode. A valid result is published with [`ConfigStore::replace`]; an
+//! One watcher + reflector per kind mesh-config compiles (see [`kinds::KINDS`]). Kinds that
+//! older control planes serve at older versions (Istio < 1.22: `v1beta1`) are watched at the
+//! first version the API server's discovery lists. On any change the source waits for a quiet
+//! period (debounce), turns every cached object into JSON and compiles the lot with
+//! [`mesh_config::load_sources`] — the same loader, validation and error messages as directory
+//! mode. A valid result is published with [`ConfigStore::replace`]; an
 //! invalid one is recorded ([`ConfigStore::record_error`]) and the last good snapshot stays.
 //!
 //! No snapshot is published before every kind has been listed once (a kind whose CRD is not
@@ -28,12 +30,13 @@ use futures::StreamExt;
 use kinds::{KINDS, KindSpec, Scope};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff as _;
 use kube::runtime::{WatchStreamExt, watcher};
 use mesh_config::{ConfigStore, LoadErrors};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -122,6 +125,8 @@ impl Default for KubeSourceOptions {
 struct KindState {
     listed: AtomicBool,
     missing: AtomicBool,
+    /// 1 + index into the kind's `versions` of the version watched last; 0 before the first.
+    version: AtomicUsize,
 }
 
 struct Shared {
@@ -145,6 +150,55 @@ impl Shared {
             .filter(|(_, k)| !k.listed.load(Ordering::Acquire))
             .map(|(s, _)| s.kind)
             .collect()
+    }
+
+    /// The version of `KINDS[index]` watched last (kept while the kind is missing: cached
+    /// objects stay and are handed to the loader at that version).
+    fn version(&self, index: usize) -> Option<&'static str> {
+        let i = self.kinds[index].version.load(Ordering::Acquire);
+        KINDS[index].versions.get(i.checked_sub(1)?).copied()
+    }
+
+    /// Records that `KINDS[index]` is watched at `version` (metric, log on change).
+    fn use_version(&self, index: usize, version: &'static str) {
+        let spec = &KINDS[index];
+        let Some(pos) = spec.versions.iter().position(|v| *v == version) else {
+            return;
+        };
+        let previous = self.version(index);
+        if previous == Some(version) {
+            return;
+        }
+        self.kinds[index].version.store(pos + 1, Ordering::Release);
+        let gauge = &self.metrics.version;
+        if let Some(old) = previous {
+            // Drop the old series instead of leaving a stale 0 behind.
+            let _ = gauge.remove_label_values(&[spec.kind, old]);
+        }
+        gauge.with_label_values(&[spec.kind, version]).set(1);
+        let api_version = spec.api_version(version);
+        if pos == 0 {
+            info!(kind = spec.kind, %api_version, "watching");
+        } else {
+            info!(kind = spec.kind, %api_version, preferred = %spec.api_version(spec.preferred_version()),
+                "watching an older version: the API server does not serve the preferred one (older control plane)");
+        }
+    }
+
+    /// `KINDS[index]` is not served: logged once per disappearance, treated as listed and
+    /// empty (its cached objects stay), retried with backoff by the caller.
+    fn mark_missing(&self, index: usize) {
+        let spec = &KINDS[index];
+        let state = &self.kinds[index];
+        if !state.missing.swap(true, Ordering::AcqRel) {
+            self.metrics.missing.with_label_values(&[spec.kind]).set(1);
+            let versions: Vec<String> = spec.versions.iter().map(|v| spec.api_version(v)).collect();
+            warn!(kind = spec.kind, resource = %spec.resource_name(), api_versions = ?versions,
+                "resource not served by the API server (CRD not installed?); treating it as empty and retrying");
+        }
+        if !state.listed.swap(true, Ordering::AcqRel) {
+            self.changed.notify_one();
+        }
     }
 }
 
@@ -193,23 +247,12 @@ impl KubeSource {
         let mut tasks = Vec::with_capacity(KINDS.len() + 1);
         let mut stores = Vec::with_capacity(KINDS.len());
         for (i, spec) in KINDS.iter().enumerate() {
-            let ar = spec.api_resource();
-            let (api, config) = match spec.scope {
-                Scope::Cluster | Scope::AllNamespaces => (
-                    Api::<DynamicObject>::all_with(client.clone(), &ar),
-                    watcher::Config::default(),
-                ),
-                Scope::Single { namespace, name } => (
-                    Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar),
-                    watcher::Config::default().fields(&format!("metadata.name={name}")),
-                ),
-            };
-            let writer = reflector::store::Writer::new(ar);
+            // The store's key type only; objects keep their keys across version switches.
+            let writer = reflector::store::Writer::new(spec.api_resource(spec.preferred_version()));
             stores.push(writer.as_reader());
             tasks.push(tokio::spawn(watch_kind(
                 i,
-                api,
-                config,
+                client.clone(),
                 writer,
                 shared.clone(),
             )));
@@ -282,6 +325,14 @@ impl KubeSourceHandle {
             .collect()
     }
 
+    /// The `apiVersion` `kind` is watched at (`networking.istio.io/v1beta1` on an Istio
+    /// older than 1.22); `None` for an unknown kind or before its version is known.
+    pub fn api_version(&self, kind: &str) -> Option<String> {
+        let index = KINDS.iter().position(|k| k.kind == kind)?;
+        let version = self.shared.version(index)?;
+        Some(KINDS[index].api_version(version))
+    }
+
     pub fn metrics(&self) -> &KubeSourceMetrics {
         &self.shared.metrics
     }
@@ -295,40 +346,144 @@ impl Drop for KubeSourceHandle {
     }
 }
 
+/// A 404 from the API server. A missing CRD (or group version) answers with a plain-text 404
+/// ("404 page not found"), which kube turns into a Status without the NotFound reason: check
+/// the code as well.
+fn is_404(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404 || s.is_not_found())
+}
+
 fn is_not_found(e: &watcher::Error) -> bool {
     match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        // A missing CRD answers with a plain-text 404 ("404 page not found"), which kube turns
-        // into a Status without the NotFound reason: check the code as well.
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404 || s.is_not_found(),
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => is_404(e),
         _ => false,
     }
 }
 
-/// Runs the watcher of `KINDS[index]` into its reflector store, forever; errors are retried
-/// by the watcher with exponential backoff (0.8 s … 30 s) while the store keeps its objects.
+/// The first of `spec.versions` the API server serves `spec.plural` at, from the discovery
+/// document of each group version (`GET /apis/<group>/<version>`, readable by every
+/// authenticated client). `Ok(None)`: not served at any of them (CRD not installed).
+async fn served_version(
+    client: &kube::Client,
+    spec: &KindSpec,
+) -> Result<Option<&'static str>, kube::Error> {
+    for &version in spec.versions {
+        match client
+            .list_api_group_resources(&spec.api_version(version))
+            .await
+        {
+            // A group version lists every CRD of the group served at it; ours may not be one.
+            Ok(list) if list.resources.iter().any(|r| r.name == spec.plural) => {
+                return Ok(Some(version));
+            }
+            Ok(_) => {}
+            Err(e) if is_404(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Why a watch run ended.
+enum WatchEnd {
+    /// The resource is not served at this version any more: discover again.
+    NotServed,
+    /// The watcher stream ended. With backoff it never does; the task then stops.
+    Ended,
+}
+
+/// Watches `KINDS[index]` into its reflector store, forever. Kinds with several candidate
+/// versions discover the served one first, and again whenever it stops being served; errors
+/// are retried with exponential backoff (0.8 s … 30 s) while the store keeps its objects.
 async fn watch_kind(
     index: usize,
-    api: Api<DynamicObject>,
-    config: watcher::Config,
-    writer: reflector::store::Writer<DynamicObject>,
+    client: kube::Client,
+    mut writer: reflector::store::Writer<DynamicObject>,
     shared: Arc<Shared>,
 ) {
+    let spec: &'static KindSpec = &KINDS[index];
+    let m = &shared.metrics;
+    let kind = spec.kind;
+    let mut backoff = watcher::DefaultBackoff::default();
+    let mut lists = 0u64;
+    loop {
+        let version = if spec.discovers_version() {
+            match served_version(&client, spec).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    m.errors.with_label_values(&[kind]).inc();
+                    shared.mark_missing(index);
+                    tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
+                    continue;
+                }
+                Err(e) => {
+                    // Not "missing": a 403 or an unreachable server must stay visible (the kind
+                    // stays unlisted, so `start` times out naming it).
+                    m.errors.with_label_values(&[kind]).inc();
+                    warn!(kind, error = %e, "API discovery failed; retrying with backoff");
+                    tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
+                    continue;
+                }
+            }
+        } else {
+            spec.preferred_version()
+        };
+        shared.use_version(index, version);
+        let lists_before = lists;
+        let end = watch_version(index, &client, version, &mut writer, &shared, &mut lists).await;
+        if lists > lists_before {
+            // It was served and listed: the next disappearance starts from a short delay.
+            backoff.reset();
+        }
+        match end {
+            WatchEnd::NotServed => {
+                tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)).await;
+            }
+            WatchEnd::Ended => return,
+        }
+    }
+}
+
+/// Upper bound of the watcher's default backoff, used if the iterator ever runs dry.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs one watcher of `KINDS[index]` at `version` into `writer`. Returns when the resource
+/// turns out not to be served at this version and the kind can discover another; otherwise
+/// a 404 means "CRD not installed" and the watcher keeps retrying by itself.
+async fn watch_version(
+    index: usize,
+    client: &kube::Client,
+    version: &'static str,
+    writer: &mut reflector::store::Writer<DynamicObject>,
+    shared: &Shared,
+    lists: &mut u64,
+) -> WatchEnd {
     let spec: &'static KindSpec = &KINDS[index];
     let state = &shared.kinds[index];
     let m = &shared.metrics;
     let kind = spec.kind;
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(build::strip)
-        .reflect(writer);
+    let ar = spec.api_resource(version);
+    let (api, config) = match spec.scope {
+        Scope::Cluster | Scope::AllNamespaces => (
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            watcher::Config::default(),
+        ),
+        Scope::Single { namespace, name } => (
+            Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        ),
+    };
+    let stream = watcher(api, config).default_backoff().modify(build::strip);
     let mut stream = std::pin::pin!(stream);
-    let mut lists = 0u64;
     while let Some(event) = stream.next().await {
+        // The reflector's own logic, applied by hand so the store outlives a version switch.
+        if let Ok(ev) = &event {
+            writer.apply_watcher_event(ev);
+        }
         match event {
             Ok(watcher::Event::Init) => {
                 m.events.with_label_values(&[kind, "init"]).inc();
-                if lists > 0 {
+                if *lists > 0 {
                     m.restarts.with_label_values(&[kind]).inc();
                     info!(
                         kind,
@@ -341,13 +496,13 @@ async fn watch_kind(
             }
             Ok(watcher::Event::InitDone) => {
                 m.events.with_label_values(&[kind, "init_done"]).inc();
-                lists += 1;
+                *lists += 1;
                 if state.missing.swap(false, Ordering::AcqRel) {
                     m.missing.with_label_values(&[kind]).set(0);
-                    info!(kind, resource = %spec.resource_name(), "resource is served now");
+                    info!(kind, resource = %spec.resource_name(), version, "resource is served now");
                 }
                 state.listed.store(true, Ordering::Release);
-                debug!(kind, "listed");
+                debug!(kind, version, "listed");
                 shared.changed.notify_one();
             }
             Ok(watcher::Event::Apply(_)) => {
@@ -360,15 +515,13 @@ async fn watch_kind(
             }
             Err(e) if is_not_found(&e) => {
                 m.errors.with_label_values(&[kind]).inc();
-                // Logged once per disappearance; the watcher keeps retrying with backoff, so
-                // installing the CRD later is picked up.
-                if !state.missing.swap(true, Ordering::AcqRel) {
-                    m.missing.with_label_values(&[kind]).set(1);
-                    warn!(kind, resource = %spec.resource_name(), api_version = %spec.api_version(),
-                        "resource not served by the API server (CRD not installed?); treating it as empty and retrying");
-                }
-                if !state.listed.swap(true, Ordering::AcqRel) {
-                    shared.changed.notify_one();
+                shared.mark_missing(index);
+                if spec.discovers_version() {
+                    debug!(
+                        kind,
+                        version, "not served at this version any more; rediscovering"
+                    );
+                    return WatchEnd::NotServed;
                 }
             }
             Err(e) => {
@@ -377,6 +530,7 @@ async fn watch_kind(
             }
         }
     }
+    WatchEnd::Ended
 }
 
 /// Rebuilds the snapshot after changes (debounced) once every kind is listed.
@@ -411,6 +565,11 @@ async fn build_loop(
             continue;
         }
         let objects: build::Objects = stores.iter().map(Store::state).collect();
+        let versions: Vec<&'static str> = KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, k)| shared.version(i).unwrap_or(k.preferred_version()))
+            .collect();
         for (spec, objs) in KINDS.iter().zip(&objects) {
             m.objects
                 .with_label_values(&[spec.kind])
@@ -425,7 +584,8 @@ async fn build_loop(
         let prev = last_input;
         // Serializing, scanning /proc and compiling are CPU/file work: off the async workers.
         let built = tokio::task::spawn_blocking(move || {
-            let sources = build::sources(&objects, node.as_deref().map(|n| (n, &mut disc)));
+            let sources =
+                build::sources(&objects, &versions, node.as_deref().map(|n| (n, &mut disc)));
             let hash = input_hash(&sources.files);
             let result = (prev != Some(hash)).then(|| {
                 mesh_config::load_sources(
@@ -465,8 +625,6 @@ async fn build_loop(
                         g
                     }
                 };
-                m.generation
-                    .set(i64::try_from(generation).unwrap_or(i64::MAX));
                 info!(
                     generation,
                     services,

@@ -18,8 +18,8 @@ pub struct KubeSourceMetrics {
     pub(crate) objects: IntGaugeVec,
     /// Snapshot rebuilds by result: `ok` (published) or `rejected` (invalid; last good kept).
     pub(crate) reloads: IntCounterVec,
-    /// Generation of the snapshot published by this source.
-    pub(crate) generation: IntGauge,
+    /// 1 for the version each kind is watched at (`kind`, `version`).
+    pub(crate) version: IntGaugeVec,
     /// Running pods on this node whose network namespace was not found (yet).
     pub(crate) pods_without_netns: IntGauge,
 }
@@ -64,9 +64,12 @@ impl KubeSourceMetrics {
                 "Snapshot rebuilds from the Kubernetes API by result (ok, rejected)",
                 &["result"],
             )?,
-            generation: IntGauge::new(
-                "strait_kube_config_generation",
-                "Generation of the mesh snapshot published from the Kubernetes API",
+            version: IntGaugeVec::new(
+                Opts::new(
+                    "strait_kube_resource_version",
+                    "1 for the API version each kind is watched at (discovered for Istio and Gateway API kinds)",
+                ),
+                &["kind", "version"],
             )?,
             pods_without_netns: IntGauge::new(
                 "strait_kube_pods_without_netns",
@@ -83,7 +86,7 @@ impl KubeSourceMetrics {
         registry.register(Box::new(self.missing.clone()))?;
         registry.register(Box::new(self.objects.clone()))?;
         registry.register(Box::new(self.reloads.clone()))?;
-        registry.register(Box::new(self.generation.clone()))?;
+        registry.register(Box::new(self.version.clone()))?;
         registry.register(Box::new(self.pods_without_netns.clone()))?;
         Ok(())
     }
@@ -108,8 +111,22 @@ impl KubeSourceMetrics {
         self.events.with_label_values(&[kind, event]).get()
     }
 
-    /// Last published generation (0 before the first snapshot).
-    pub fn generation(&self) -> i64 {
-        self.generation.get()
+    /// 1 while `kind` is watched at `version` (e.g. `ServiceEntry`, `v1beta1`), else 0.
+    pub fn resource_version(&self, kind: &str, version: &str) -> i64 {
+        // Read through `collect` so that asking does not create the series.
+        use prometheus::core::Collector;
+        let want = [("kind", kind), ("version", version)];
+        self.version
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .find(|m| {
+                want.iter().all(|(n, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *n && l.value() == *v)
+                })
+            })
+            .map_or(0, |m| m.get_gauge().get_value() as i64)
     }
 }

@@ -26,6 +26,11 @@ const AUTHZ: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 
+/// The same resource path at `v1beta1` (what Istio < 1.22 serves).
+fn v1beta1(path: &str) -> String {
+    path.replacen("/v1/", "/v1beta1/", 1)
+}
+
 const POD_UID: &str = "0c6f1a4e-2b1d-4a4e-9b77-1d2e3f405060";
 
 enum ListReply {
@@ -34,10 +39,37 @@ enum ListReply {
 
 #[derive(Default)]
 struct State {
-    lists: HashMap<&'static str, ListReply>,
+    lists: HashMap<String, ListReply>,
     /// Bodies (newline-separated watch events) for the next watch requests, per path.
     watches: HashMap<String, VecDeque<String>>,
     requests: Vec<String>,
+}
+
+impl State {
+    /// The discovery document of a group version (`/apis/<group>/<version>`): the resources
+    /// with a list reply under it, like the API server lists the served CRD versions. `None`
+    /// (so 404) when nothing is served there.
+    fn discovery(&self, path: &str) -> Option<Value> {
+        let gv = path.strip_prefix("/apis/")?;
+        if gv.split('/').count() != 2 {
+            return None;
+        }
+        let prefix = format!("{path}/");
+        let resources: Vec<Value> = self
+            .lists
+            .keys()
+            .filter_map(|p| p.strip_prefix(&prefix))
+            .filter(|plural| !plural.contains('/'))
+            .map(|plural| {
+                json!({"name": plural, "singularName": "", "namespaced": true, "kind": plural,
+                       "verbs": ["get", "list", "watch"]})
+            })
+            .collect();
+        (!resources.is_empty()).then(|| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                   "resources": resources})
+        })
+    }
 }
 
 /// A scripted API server. Paths without a list reply answer like a missing CRD does: 404
@@ -50,14 +82,19 @@ impl FakeApi {
         self.0.lock().expect("fake api lock")
     }
 
-    fn set_list(&self, path: &'static str, items: Vec<Value>, rv: &str) {
+    fn set_list(&self, path: &str, items: Vec<Value>, rv: &str) {
         self.state().lists.insert(
-            path,
+            path.to_owned(),
             ListReply::Items {
                 items,
                 rv: rv.into(),
             },
         );
+    }
+
+    /// Stops serving `path` (its list and discovery answer 404 from now on).
+    fn remove_list(&self, path: &str) {
+        self.state().lists.remove(path);
     }
 
     /// Queues one watch response for `path`: these events, then the stream ends (the watcher
@@ -118,7 +155,10 @@ impl FakeApi {
             }
         }
         let state = self.state();
-        match state.lists.get(path.as_str()) {
+        if let Some(doc) = state.discovery(&path) {
+            return reply(StatusCode::OK, doc.to_string());
+        }
+        match state.lists.get(&path) {
             Some(ListReply::Items { items, rv }) => reply(
                 StatusCode::OK,
                 json!({"apiVersion": "v1", "kind": "List",
@@ -286,9 +326,15 @@ async fn follows_the_cluster() {
     assert_eq!(store.generation(), 1);
     assert_eq!(handle.missing_kinds(), ["ASMEgressTrafficPolicy"]);
     let m = handle.metrics();
-    // The metrics are updated right after the store publishes.
-    eventually("generation metric 1", || m.generation() == 1).await;
     assert_eq!(m.reloads("ok"), 1);
+    // A current control plane: everything at the preferred version, no fallback.
+    assert_eq!(
+        handle.api_version("ServiceEntry").as_deref(),
+        Some("networking.istio.io/v1")
+    );
+    assert_eq!(m.resource_version("AuthorizationPolicy", "v1"), 1);
+    assert_eq!(m.resource_version("AuthorizationPolicy", "v1beta1"), 0);
+    assert_eq!(api.requests(&v1beta1(SERVICE_ENTRIES)), 0);
     assert!(m.watch_errors("ASMEgressTrafficPolicy") >= 1);
     assert_eq!(m.watch_events("Service", "init_apply"), 1);
 
@@ -348,7 +394,6 @@ async fn follows_the_cluster() {
     assert!(store.last_error().is_none());
     let routes = store.current().routes_for_host("www.aliyun.com").cloned();
     assert!(!format!("{routes:?}").contains("5s"), "{routes:?}");
-    eventually("generation metric 2", || m.generation() == 2).await;
 
     // Deletion removes the service.
     api.push_watch(
@@ -481,4 +526,169 @@ async fn an_invalid_cluster_is_reported_at_startup() {
         }
         other => panic!("unexpected error: {other}"),
     }
+}
+
+/// An AuthorizationPolicy on seed 002's ServiceEntry, denying DELETE.
+fn authorization_policy() -> Value {
+    json!({
+        "metadata": meta(Some("default"), "no-delete", "22"),
+        "spec": {"action": "DENY",
+                 "targetRefs": [{"group": "networking.istio.io", "kind": "ServiceEntry",
+                                 "name": "aliyun-com-ext"}],
+                 "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]}
+    })
+}
+
+/// A cluster where every kind but the Istio ones lists empty at v1 (ASMEgressTrafficPolicy
+/// missing).
+fn non_istio_kinds(api: &FakeApi) {
+    api.set_list(
+        NAMESPACES,
+        vec![namespace("default"), namespace("istio-system")],
+        "1",
+    );
+    for empty in [SERVICES, PODS, CONFIGMAPS, GATEWAYS, HTTP_ROUTES] {
+        api.set_list(empty, vec![], "1");
+    }
+}
+
+fn quick_opts() -> KubeSourceOptions {
+    KubeSourceOptions {
+        debounce: Duration::from_millis(20),
+        initial_sync_timeout: Duration::from_secs(20),
+        ..KubeSourceOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_istio_is_read_at_v1beta1() {
+    // Istio < 1.22: the CRDs serve v1beta1 only, so every v1 path (discovery included) is 404.
+    let api = FakeApi::default();
+    non_istio_kinds(&api);
+    api.set_list(&v1beta1(SERVICE_ENTRIES), vec![service_entry()], "20");
+    api.set_list(
+        &v1beta1(VIRTUAL_SERVICES),
+        vec![virtual_service("21", true, None)],
+        "21",
+    );
+    api.set_list(&v1beta1(DESTINATION_RULES), vec![], "1");
+    api.set_list(&v1beta1(AUTHZ), vec![authorization_policy()], "22");
+
+    let (store, handle) = KubeSource::start(api.client(), quick_opts())
+        .await
+        .expect("initial sync");
+    // The objects are loaded, not mistaken for missing CRDs.
+    assert_eq!(handle.missing_kinds(), ["ASMEgressTrafficPolicy"]);
+    let snap = store.current();
+    let se = snap
+        .service_by_host("www.aliyun.com")
+        .expect("ServiceEntry read at v1beta1");
+    let routes = snap.routes_for_host("www.aliyun.com").expect("routes");
+    assert!(format!("{routes:?}").contains("5s"), "{routes:?}");
+    let authz = snap.authz_for_service(se);
+    assert_eq!(authz.deny.len(), 1, "{authz:?}");
+    assert_eq!(authz.deny[0].name.name, "no-delete");
+
+    // Which version is in use is visible, and v1 was never listed.
+    let m = handle.metrics();
+    for (kind, group) in [
+        ("ServiceEntry", "networking.istio.io"),
+        ("DestinationRule", "networking.istio.io"),
+        ("VirtualService", "networking.istio.io"),
+        ("AuthorizationPolicy", "security.istio.io"),
+    ] {
+        assert_eq!(
+            handle.api_version(kind),
+            Some(format!("{group}/v1beta1")),
+            "{kind}"
+        );
+        assert_eq!(m.resource_version(kind, "v1beta1"), 1, "{kind}");
+        assert_eq!(m.resource_version(kind, "v1"), 0, "{kind}");
+    }
+    assert_eq!(
+        handle.api_version("Gateway").as_deref(),
+        Some("gateway.networking.k8s.io/v1")
+    );
+    assert_eq!(handle.api_version("Pod").as_deref(), Some("v1"));
+    assert!(api.requests("/apis/networking.istio.io/v1") >= 1);
+    for path in [SERVICE_ENTRIES, DESTINATION_RULES, VIRTUAL_SERVICES, AUTHZ] {
+        assert_eq!(api.requests(path), 0, "{path}");
+    }
+
+    // Changes arrive through the v1beta1 watch.
+    api.push_watch(
+        &v1beta1(VIRTUAL_SERVICES),
+        &[json!({"type": "MODIFIED", "object": virtual_service("30", false, None)})],
+    );
+    eventually("generation 2", || store.generation() == 2).await;
+    let routes = store.current().routes_for_host("www.aliyun.com").cloned();
+    assert!(!format!("{routes:?}").contains("5s"), "{routes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_installed_later_is_discovered_at_its_version() {
+    // AuthorizationPolicy is not served at any version at first: missing, treated as empty.
+    let api = FakeApi::default();
+    non_istio_kinds(&api);
+    api.set_list(SERVICE_ENTRIES, vec![service_entry()], "20");
+    api.set_list(DESTINATION_RULES, vec![], "1");
+    api.set_list(VIRTUAL_SERVICES, vec![], "1");
+    let (store, handle) = KubeSource::start(api.client(), quick_opts())
+        .await
+        .expect("initial sync");
+    let mut missing = handle.missing_kinds();
+    missing.sort_unstable();
+    assert_eq!(missing, ["ASMEgressTrafficPolicy", "AuthorizationPolicy"]);
+    assert_eq!(handle.api_version("AuthorizationPolicy"), None);
+    assert!(handle.metrics().watch_errors("AuthorizationPolicy") >= 1);
+    let se = store
+        .current()
+        .service_by_host("www.aliyun.com")
+        .cloned()
+        .expect("ServiceEntry");
+    assert!(store.current().authz_for_service(&se).is_empty());
+
+    // The (older) CRD gets installed: rediscovery finds v1beta1 and its objects load.
+    api.set_list(&v1beta1(AUTHZ), vec![authorization_policy()], "22");
+    eventually("policy loaded", || {
+        !store.current().authz_for_service(&se).is_empty()
+    })
+    .await;
+    assert_eq!(handle.missing_kinds(), ["ASMEgressTrafficPolicy"]);
+    assert_eq!(
+        handle.api_version("AuthorizationPolicy").as_deref(),
+        Some("security.istio.io/v1beta1")
+    );
+    assert_eq!(
+        handle
+            .metrics()
+            .resource_version("AuthorizationPolicy", "v1beta1"),
+        1
+    );
+
+    // The control plane goes back to an older Istio: v1 disappears while being watched. The
+    // relist answers 404, the version is discovered again and the v1beta1 objects are read.
+    let vs_v1 = virtual_service("40", true, None);
+    api.set_list(&v1beta1(VIRTUAL_SERVICES), vec![vs_v1], "40");
+    api.remove_list(VIRTUAL_SERVICES);
+    api.push_watch(
+        VIRTUAL_SERVICES,
+        &[
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                 "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                 "message": "too old resource version"}}),
+        ],
+    );
+    eventually("VirtualService at v1beta1", || {
+        handle.api_version("VirtualService").as_deref() == Some("networking.istio.io/v1beta1")
+    })
+    .await;
+    eventually("routes from v1beta1", || {
+        store.current().routes_for_host("www.aliyun.com").is_some()
+    })
+    .await;
+    let m = handle.metrics();
+    assert_eq!(m.resource_version("VirtualService", "v1beta1"), 1);
+    assert_eq!(m.resource_version("VirtualService", "v1"), 0);
+    assert!(!handle.missing_kinds().contains(&"VirtualService"));
 }

@@ -137,6 +137,28 @@ fn generate_routes() -> String {
             "  - name: last\n    route: [{{destination: {{host: {host}}}}}]"
         );
     }
+    // `when`-heavy policies: 10 ALLOW policies whose conditions (CIDRs, port, header pattern)
+    // are checked on every request; only the last matches.
+    y.push_str(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: conds, namespace: istio-egress}\n\
+         spec:\n  hosts: [conds.example]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 203.0.113.11}]\n",
+    );
+    for p in 0..10 {
+        let ip = if p == 9 {
+            "127.0.0.0/8"
+        } else {
+            "192.0.2.0/24"
+        };
+        let _ = write!(
+            y,
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: when-{p:02}, namespace: istio-egress}}\n\
+             spec:\n  targetRefs: [{{kind: ServiceEntry, group: networking.istio.io, name: conds}}]\n  action: ALLOW\n  rules:\n\
+             \x20 - when:\n\
+             \x20   - {{key: source.ip, values: [10.{p}.0.0/16, \"172.16.{p}.1\", {ip}]}}\n\
+             \x20   - {{key: destination.port, values: [\"8080\", \"80\"]}}\n\
+             \x20   - {{key: \"request.headers[user-agent]\", values: [\"curl*\", \"*load\"]}}\n"
+        );
+    }
     for kind in ["deny", "allow"] {
         for p in 0..10 {
             let _ = write!(
@@ -230,7 +252,11 @@ fn routes_bench() -> bool {
             false,
         ));
     }
-    for (host, label) in [("light.example", "0 rules"), ("heavy.example", "100 rules")] {
+    for (host, label) in [
+        ("light.example", "0 rules"),
+        ("heavy.example", "100 rules"),
+        ("conds.example", "10 `when` policies"),
+    ] {
         let svc = snap.service_by_host(host).expect("service");
         let set = snap.authz_for_service(svc);
         let sets = [set.as_ref()];

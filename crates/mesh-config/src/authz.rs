@@ -199,14 +199,62 @@ pub enum ConditionKey {
     DestinationIp,
     DestinationPort,
     ConnectionSni,
-    RequestHeader(String),
+    /// `request.headers[<name>]`; the name parsed once (lower case), not per lookup.
+    RequestHeader(#[serde(serialize_with = "header_name")] http::HeaderName),
+}
+
+fn header_name<S: serde::Serializer>(n: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(n.as_str())
+}
+
+/// One `when` value, parsed at compile time for its key: evaluation does no string parsing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ConditionValue {
+    /// `source.ip`, `remote.ip`, `destination.ip`: an address or CIDR.
+    Net(IpNet),
+    /// `destination.port`.
+    Port(u16),
+    /// Every string key: exact, `prefix*`, `*suffix` or `*`.
+    Pattern(StrPattern),
+}
+
+impl ConditionValue {
+    /// Parses `v` as the type `key` compares; `None` when it is not one (an IP key with a
+    /// value that is no address or CIDR, a port key with no port number).
+    pub fn parse(key: &ConditionKey, v: &str) -> Option<ConditionValue> {
+        match key {
+            ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
+                parse_net(v).map(ConditionValue::Net)
+            }
+            ConditionKey::DestinationPort => v.parse().ok().map(ConditionValue::Port),
+            ConditionKey::SourceNamespace
+            | ConditionKey::SourcePrincipal
+            | ConditionKey::ConnectionSni
+            | ConditionKey::RequestHeader(_) => Some(ConditionValue::Pattern(StrPattern::parse(v))),
+        }
+    }
+
+    // A value of another type than the key's never matches; `ConditionValue::parse` does not
+    // build such pairs.
+    fn contains_ip(&self, ip: IpAddr) -> bool {
+        matches!(self, ConditionValue::Net(n) if n.contains(&ip))
+    }
+
+    fn is_port(&self, port: u16) -> bool {
+        matches!(self, ConditionValue::Port(p) if *p == port)
+    }
+
+    fn matches_str(&self, v: &str) -> bool {
+        matches!(self, ConditionValue::Pattern(p) if p.matches(v))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Condition {
     pub key: ConditionKey,
-    pub values: Vec<String>,
-    pub not_values: Vec<String>,
+    pub values: Vec<ConditionValue>,
+    pub not_values: Vec<ConditionValue>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -373,34 +421,29 @@ impl OperationMatch {
 
 impl Condition {
     fn matches(&self, a: &RequestAttrs<'_>, lenient_l7: bool) -> bool {
-        let ip_in = |vals: &[String], ip: Option<IpAddr>| {
-            ip.is_some_and(|ip| {
-                vals.iter()
-                    .any(|v| parse_net(v).is_some_and(|n| n.contains(&ip)))
-            })
+        let ip_in = |vals: &[ConditionValue], ip: Option<IpAddr>| {
+            ip.is_some_and(|ip| vals.iter().any(|v| v.contains_ip(ip)))
         };
-        let str_in = |vals: &[String], s: Option<&str>| {
-            s.is_some_and(|s| vals.iter().any(|v| pattern_matches(v, s)))
+        let str_in = |vals: &[ConditionValue], s: Option<&str>| {
+            s.is_some_and(|s| vals.iter().any(|v| v.matches_str(s)))
         };
-        let check = |vals: &[String]| -> Option<bool> {
+        let check = |vals: &[ConditionValue]| -> Option<bool> {
             Some(match &self.key {
                 ConditionKey::SourceIp => ip_in(vals, a.source_ip),
                 ConditionKey::RemoteIp => ip_in(vals, a.remote()),
                 ConditionKey::DestinationIp => ip_in(vals, a.destination_ip),
                 ConditionKey::SourceNamespace => str_in(vals, a.namespace()),
                 ConditionKey::SourcePrincipal => str_in(vals, a.principal()),
-                ConditionKey::DestinationPort => vals
-                    .iter()
-                    .any(|v| v.parse::<u16>().ok() == Some(a.destination_port)),
+                ConditionKey::DestinationPort => vals.iter().any(|v| v.is_port(a.destination_port)),
                 ConditionKey::ConnectionSni => str_in(vals, a.sni),
                 ConditionKey::RequestHeader(name) => {
                     // The name is looked up once per condition; no per-request allocation.
-                    let values = a.http?.headers.get_all(name.as_str());
+                    let values = a.http?.headers.get_all(name);
                     vals.iter().any(|v| {
                         values
                             .iter()
                             .filter_map(|hv| hv.to_str().ok())
-                            .any(|hv| pattern_matches(v, hv))
+                            .any(|hv| v.matches_str(hv))
                     })
                 }
             })
@@ -420,19 +463,6 @@ impl Condition {
             // HTTP-only condition evaluated at L4.
             _ => lenient_l7,
         }
-    }
-}
-
-/// `StrPattern::parse(pat).matches(v)` without building the pattern.
-fn pattern_matches(pat: &str, v: &str) -> bool {
-    if pat == "*" {
-        !v.is_empty()
-    } else if let Some(p) = pat.strip_suffix('*') {
-        v.starts_with(p)
-    } else if let Some(p) = pat.strip_prefix('*') {
-        v.ends_with(p)
-    } else {
-        pat == v
     }
 }
 
@@ -612,11 +642,11 @@ fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Cond
         k => match k
             .strip_prefix("request.headers[")
             .and_then(|r| r.strip_suffix(']'))
+            // `from_bytes` lower-cases: header names match case-insensitively.
+            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
         {
-            Some(h) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
-                ConditionKey::RequestHeader(h.to_ascii_lowercase())
-            }
-            _ => {
+            Some(h) => ConditionKey::RequestHeader(h),
+            None => {
                 e.push(
                     format!("{path}.key"),
                     format!(
@@ -632,28 +662,28 @@ fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Cond
         e.push(path, "needs values or notValues");
     }
     let mut ok = true;
-    for (field, vals) in [("values", &c.values), ("notValues", &c.not_values)] {
-        for (i, v) in vals.iter().enumerate() {
-            let bad = match key {
-                ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
-                    parse_net(v).is_none()
+    let mut parse = |field: &str, vals: &[String]| -> Vec<ConditionValue> {
+        vals.iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let parsed = ConditionValue::parse(&key, v);
+                if parsed.is_none() {
+                    e.push(
+                        format!("{path}.{field}[{i}]"),
+                        format!("invalid value {v:?} for {}", c.key),
+                    );
+                    ok = false;
                 }
-                ConditionKey::DestinationPort => v.parse::<u16>().is_err(),
-                _ => false,
-            };
-            if bad {
-                e.push(
-                    format!("{path}.{field}[{i}]"),
-                    format!("invalid value {v:?} for {}", c.key),
-                );
-                ok = false;
-            }
-        }
-    }
-    ok.then(|| Condition {
+                parsed
+            })
+            .collect()
+    };
+    let values = parse("values", &c.values);
+    let not_values = parse("notValues", &c.not_values);
+    ok.then_some(Condition {
         key,
-        values: c.values.clone(),
-        not_values: c.not_values.clone(),
+        values,
+        not_values,
     })
 }
 
@@ -662,19 +692,239 @@ mod tests {
     use super::*;
     use crate::error::SourceRef;
 
+    /// How `when` string values were matched before they were pre-parsed (parsing the
+    /// pattern on every request): the reference the compiled form must agree with.
+    fn reference_pattern_matches(pat: &str, v: &str) -> bool {
+        if pat == "*" {
+            !v.is_empty()
+        } else if let Some(p) = pat.strip_suffix('*') {
+            v.starts_with(p)
+        } else if let Some(p) = pat.strip_prefix('*') {
+            v.ends_with(p)
+        } else {
+            pat == v
+        }
+    }
+
     #[test]
-    fn pattern_matches_agrees_with_str_pattern() {
+    fn preparsed_string_conditions_agree_with_the_reference() {
         let pats = ["*", "", "a", "a*", "*a", "ab*", "*ab", "**", "a*b"];
         let vals = ["", "a", "b", "ab", "ba", "aab", "abb", "*", "a*b"];
+        let mut headers = http::HeaderMap::new();
         for p in pats {
+            let allow = |key: &str| {
+                let yaml = format!("rules: [{{when: [{{key: '{key}', values: ['{p}']}}]}}]");
+                set(&[policy("ns", "p", &yaml)])
+            };
+            let (sni, header, ns) = (
+                allow("connection.sni"),
+                allow("request.headers[X-Tag]"),
+                allow("source.namespace"),
+            );
             for v in vals {
+                let want = reference_pattern_matches(p, v);
+                let by_sni = RequestAttrs {
+                    sni: Some(v),
+                    ..Default::default()
+                };
+                assert_eq!(sni.evaluate(&by_sni).is_allow(), want, "sni {p:?} vs {v:?}");
+                let by_ns = RequestAttrs {
+                    source_namespace: Some(v),
+                    ..Default::default()
+                };
+                assert_eq!(ns.evaluate(&by_ns).is_allow(), want, "ns {p:?} vs {v:?}");
+                headers.insert(
+                    "x-tag",
+                    http::HeaderValue::from_str(v).expect("header value"),
+                );
+                let by_header = RequestAttrs {
+                    http: Some(HttpAttrs {
+                        host: "h",
+                        method: "GET",
+                        path: "/",
+                        headers: &headers,
+                    }),
+                    ..Default::default()
+                };
                 assert_eq!(
-                    pattern_matches(p, v),
-                    StrPattern::parse(p).matches(v),
-                    "{p:?} vs {v:?}"
+                    header.evaluate(&by_header).is_allow(),
+                    want,
+                    "header {p:?} vs {v:?}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn condition_values_are_parsed_at_compile_time() {
+        let p = policy(
+            "ns",
+            "p",
+            r#"
+rules:
+- when:
+  - {key: source.ip, values: ["10.0.0.0/8", "192.0.2.1"], notValues: ["10.1.0.0/16"]}
+  - {key: destination.port, values: ["443"]}
+  - {key: "request.headers[X-Env]", values: ["prod*", "*-eu", "*", "canary"]}
+"#,
+        );
+        let when = &p.rules[0].when;
+        let net = |s: &str| ConditionValue::Net(s.parse().expect("cidr"));
+        let pat = |p: StrPattern| ConditionValue::Pattern(p);
+        assert_eq!(when[0].key, ConditionKey::SourceIp);
+        assert_eq!(when[0].values, [net("10.0.0.0/8"), net("192.0.2.1/32")]);
+        assert_eq!(when[0].not_values, [net("10.1.0.0/16")]);
+        assert_eq!(when[1].values, [ConditionValue::Port(443)]);
+        assert_eq!(
+            when[2].key,
+            ConditionKey::RequestHeader(http::HeaderName::from_static("x-env"))
+        );
+        assert_eq!(
+            when[2].values,
+            [
+                pat(StrPattern::Prefix("prod".into())),
+                pat(StrPattern::Suffix("-eu".into())),
+                pat(StrPattern::Any),
+                pat(StrPattern::Exact("canary".into())),
+            ]
+        );
+        // Shown in config dumps as the plain values, like the other match fields.
+        let dump = serde_json::to_value(&when[..2]).expect("json");
+        assert_eq!(
+            dump,
+            serde_json::json!([
+                {"key": "source_ip", "values": ["10.0.0.0/8", "192.0.2.1/32"],
+                 "not_values": ["10.1.0.0/16"]},
+                {"key": "destination_port", "values": [443], "not_values": []},
+            ])
+        );
+    }
+
+    #[test]
+    fn ip_and_port_conditions() {
+        let allow = |when: &str| set(&[policy("ns", "p", &format!("rules: [{{when: [{when}]}}]"))]);
+        let src = |ip: &str| RequestAttrs {
+            source_ip: ip.parse().ok(),
+            ..Default::default()
+        };
+        let cases: &[(&str, RequestAttrs<'_>, bool)] = &[
+            (
+                "{key: source.ip, values: ['10.0.0.0/8']}",
+                src("10.2.3.4"),
+                true,
+            ),
+            (
+                "{key: source.ip, values: ['10.0.0.0/8']}",
+                src("11.0.0.1"),
+                false,
+            ),
+            (
+                "{key: source.ip, values: ['10.0.0.0/8']}",
+                RequestAttrs::default(),
+                false,
+            ),
+            (
+                "{key: source.ip, values: ['192.0.2.1']}",
+                src("192.0.2.1"),
+                true,
+            ),
+            (
+                "{key: source.ip, values: ['192.0.2.1']}",
+                src("192.0.2.2"),
+                false,
+            ),
+            (
+                "{key: source.ip, values: ['2001:db8::/32']}",
+                src("2001:db8::1"),
+                true,
+            ),
+            (
+                "{key: source.ip, values: ['10.0.0.0/8'], notValues: ['10.1.0.0/16']}",
+                src("10.1.2.3"),
+                false,
+            ),
+            (
+                "{key: remote.ip, values: ['203.0.113.0/24']}",
+                RequestAttrs {
+                    source_ip: "10.0.0.1".parse().ok(),
+                    remote_ip: "203.0.113.9".parse().ok(),
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                "{key: destination.ip, notValues: ['169.254.0.0/16']}",
+                RequestAttrs {
+                    destination_ip: "169.254.169.254".parse().ok(),
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                "{key: destination.port, values: ['443', '8443']}",
+                RequestAttrs {
+                    destination_port: 8443,
+                    ..Default::default()
+                },
+                true,
+            ),
+            (
+                "{key: destination.port, notValues: ['80']}",
+                RequestAttrs {
+                    destination_port: 80,
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                "{key: source.principal, values: ['*/sa/sleep']}",
+                RequestAttrs {
+                    source_principal: Some(SLEEP),
+                    ..Default::default()
+                },
+                true,
+            ),
+            // An HTTP-only condition at L4 does not match in an ALLOW policy.
+            (
+                "{key: 'request.headers[x-env]', values: ['*']}",
+                RequestAttrs::default(),
+                false,
+            ),
+        ];
+        for (when, attrs, want) in cases {
+            assert_eq!(allow(when).evaluate(attrs).is_allow(), *want, "{when}");
+        }
+    }
+
+    #[test]
+    fn invalid_condition_values_are_named() {
+        let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(
+            "rules: [{when: [{key: source.ip, values: ['10.0.0.0/8', nope]}, \
+             {key: destination.port, notValues: ['http']}]}]",
+        )
+        .expect("spec");
+        let src = SourceRef {
+            file: "t.yaml".into(),
+            document: 1,
+        };
+        let mut out = Vec::new();
+        let mut e = ObjErrors {
+            source: &src,
+            kind: "AuthorizationPolicy",
+            object: "ns/p".into(),
+            out: &mut out,
+        };
+        let p = compile(NamespacedName::new("ns", "p"), &spec, &mut e).expect("policy");
+        let paths: Vec<_> = out.iter().map(|e| e.path.as_deref()).collect();
+        assert_eq!(
+            paths,
+            [
+                Some("spec.rules[0].when[0].values[1]"),
+                Some("spec.rules[0].when[1].notValues[0]")
+            ]
+        );
+        // A condition with an invalid value is dropped (the object is reported invalid).
+        assert!(p.rules[0].when.is_empty());
     }
 
     fn policy(ns: &str, name: &str, yaml: &str) -> Arc<Policy> {
