@@ -46,7 +46,7 @@ fn entry(downstream: &Downstream, sni: Option<&str>) -> AccessLogEntry {
     let mut e = AccessLogEntry::new(SystemTime::now());
     e.downstream_local_address = Some(downstream.local);
     e.downstream_remote_address = Some(downstream.remote());
-    e.requested_server_name = sni.map(str::to_owned);
+    e.requested_server_name = sni.map(|s| s.to_owned().into());
     e
 }
 
@@ -60,8 +60,8 @@ pub fn log_denied(
     decision: &Decision,
 ) {
     let mut e = entry(downstream, sni);
-    e.upstream_cluster = Some(upstream::cluster_name(service, port, None, &proxy.gateway));
-    e.connection_termination_details = Some(authz::denial_details(decision));
+    e.upstream_cluster = Some(upstream::cluster_name(service, port, None, &proxy.gateway).into());
+    e.connection_termination_details = Some(authz::denial_details(decision).into());
     let snap = proxy.store.current();
     let labels = observe::connection_labels(
         observe::source_labels(&snap, downstream),
@@ -84,7 +84,7 @@ pub fn log_denied(
 /// Logs an unregistered, non-HTTP flow closed under REGISTRY_ONLY.
 pub fn log_unregistered(proxy: &Proxy, downstream: &Downstream) {
     let mut e = entry(downstream, None);
-    e.upstream_cluster = Some("BlackHoleCluster".to_owned());
+    e.upstream_cluster = Some("BlackHoleCluster".into());
     e.response_flags = ResponseFlags::single(ResponseFlag::NoRouteFound);
     e.connection_termination_details = Some("registry_only".into());
     let snap = proxy.store.current();
@@ -184,11 +184,9 @@ pub async fn serve(
                 (Some(s), Some(p)) => (s, p, d.subset.clone()),
                 _ => {
                     e.response_flags.insert(ResponseFlag::NoClusterFound);
-                    e.upstream_cluster = Some(format!(
-                        "outbound|{}||{}",
-                        d.port.unwrap_or(port.port),
-                        d.host
-                    ));
+                    e.upstream_cluster = Some(
+                        format!("outbound|{}||{}", d.port.unwrap_or(port.port), d.host).into(),
+                    );
                     finish(&proxy, e, start, source, Some(&service), None);
                     return;
                 }
@@ -208,7 +206,7 @@ pub async fn serve(
             downstream: HttpVersion::Http1,
         },
     );
-    e.upstream_cluster = Some(cluster.name.clone());
+    e.upstream_cluster = Some((&cluster.name).into());
     let addr = match proxy.upstream.pick(&snap, &cluster).await {
         Ok(a) => a,
         Err(err) => {
@@ -243,7 +241,7 @@ pub async fn serve(
         Err(err) => {
             debug!(error = %err, "upstream connect failed");
             e.response_flags.insert(err.flag());
-            e.upstream_transport_failure_reason = err.transport_failure_reason();
+            e.upstream_transport_failure_reason = err.transport_failure_reason().map(Into::into);
             finish(&proxy, e, start, source, Some(&dest_service), None);
             return;
         }
@@ -274,7 +272,7 @@ pub async fn passthrough(proxy: Arc<Proxy>, downstream: Downstream, tunnel: Tunn
     let snap = proxy.store.current();
     let source = observe::source_labels(&snap, &downstream);
     let mut e = entry(&downstream, None);
-    e.upstream_cluster = Some("PassthroughCluster".to_owned());
+    e.upstream_cluster = Some("PassthroughCluster".into());
     let principal = downstream.peer_identity.to_string();
     let attrs = authz::attrs(
         &snap,
@@ -286,7 +284,7 @@ pub async fn passthrough(proxy: Arc<Proxy>, downstream: Downstream, tunnel: Tunn
     );
     let decision = authz::decide(&snap, &proxy.gateway, None, &attrs);
     if !decision.is_allow() {
-        e.connection_termination_details = Some(authz::denial_details(&decision));
+        e.connection_termination_details = Some(authz::denial_details(&decision).into());
         finish(&proxy, e, start, source, None, None);
         return;
     }
@@ -306,7 +304,7 @@ pub async fn passthrough(proxy: Arc<Proxy>, downstream: Downstream, tunnel: Tunn
         Ok(t) => t,
         Err(err) => {
             e.response_flags.insert(err.flag());
-            e.upstream_transport_failure_reason = err.transport_failure_reason();
+            e.upstream_transport_failure_reason = err.transport_failure_reason().map(Into::into);
             finish(&proxy, e, start, source, None, None);
             return;
         }

@@ -139,7 +139,7 @@ impl RequestLog {
         let mut entry = AccessLogEntry::new(start_time);
         entry.downstream_local_address = Some(downstream.local);
         entry.downstream_remote_address = Some(downstream.remote());
-        entry.route_name = Some(DEFAULT_ROUTE_NAME.to_owned());
+        entry.route_name = Some(DEFAULT_ROUTE_NAME.into());
         RequestLog {
             entry,
             start,

@@ -58,11 +58,186 @@ fn start_time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, 
     }
 }
 
+/// `a.b.c.d:port` into a stack buffer. Every request line has up to four addresses, and the
+/// generic `Display` path (a formatter call per octet) showed in profiles; IPv6 keeps it.
+fn socket_addr<S: Serializer>(addr: &Option<SocketAddr>, serializer: S) -> Result<S::Ok, S::Error> {
+    let v4 = match addr {
+        None => return serializer.serialize_none(),
+        Some(SocketAddr::V6(v6)) => return serializer.collect_str(v6),
+        Some(SocketAddr::V4(v4)) => v4,
+    };
+    /// Appends `n` in decimal at `buf[at..]`, returning the new end.
+    fn put(n: u16, buf: &mut [u8; 21], at: usize) -> usize {
+        let mut digits = [0u8; 5];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            // `n % 10` is one decimal digit.
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let d = &digits[i..];
+        buf[at..at + d.len()].copy_from_slice(d);
+        at + d.len()
+    }
+    // At most `255.255.255.255:65535`.
+    let mut buf = [0u8; 21];
+    let mut len = 0;
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        len = put(octet.into(), &mut buf, len);
+    }
+    buf[len] = b':';
+    len = put(v4.port(), &mut buf, len + 1);
+    // Digits, dots and a colon only.
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(s) => serializer.serialize_str(s),
+        Err(_) => serializer.collect_str(v4),
+    }
+}
+
 /// Envoy prints `%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%` as the header's string value.
 fn header_number<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(ms) => serializer.collect_str(ms),
         None => serializer.serialize_none(),
+    }
+}
+
+/// A text field of an access-log line. A proxy logs every request, so the line borrows what
+/// already exists where it can — a constant, a string shared with the configuration, the
+/// request's own header value or path (reference-counted bytes) — instead of copying each field
+/// into a fresh `String`. Serialises as a JSON string.
+#[derive(Clone)]
+pub struct LogStr(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+    /// Checked to be visible ASCII (`HeaderValue::to_str`) when built.
+    Header(http::HeaderValue),
+    Path(http::uri::PathAndQuery),
+}
+
+impl LogStr {
+    /// A header value, when it is text (`None` for values with opaque bytes, which Envoy's
+    /// JSON log could not print either).
+    pub fn from_header(value: &http::HeaderValue) -> Option<Self> {
+        value
+            .to_str()
+            .is_ok()
+            .then(|| LogStr(Repr::Header(value.clone())))
+    }
+
+    /// The header value this text was taken from, if it was one (to send it on without a
+    /// copy).
+    pub fn header_value(&self) -> Option<&http::HeaderValue> {
+        match &self.0 {
+            Repr::Header(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Static(s) => s,
+            Repr::Shared(s) => s,
+            Repr::Owned(s) => s,
+            // Checked in `from_header`; a failure here cannot happen, and prints as empty.
+            Repr::Header(v) => v.to_str().unwrap_or_default(),
+            Repr::Path(p) => p.as_str(),
+        }
+    }
+}
+
+impl std::ops::Deref for LogStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for LogStr {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for LogStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for LogStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for LogStr {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for LogStr {}
+
+impl PartialEq<str> for LogStr {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for LogStr {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl From<&'static str> for LogStr {
+    fn from(s: &'static str) -> Self {
+        LogStr(Repr::Static(s))
+    }
+}
+
+impl From<String> for LogStr {
+    fn from(s: String) -> Self {
+        LogStr(Repr::Owned(s))
+    }
+}
+
+impl From<Arc<str>> for LogStr {
+    fn from(s: Arc<str>) -> Self {
+        LogStr(Repr::Shared(s))
+    }
+}
+
+impl From<&Arc<str>> for LogStr {
+    fn from(s: &Arc<str>) -> Self {
+        LogStr(Repr::Shared(s.clone()))
+    }
+}
+
+impl From<http::uri::PathAndQuery> for LogStr {
+    fn from(p: http::uri::PathAndQuery) -> Self {
+        LogStr(Repr::Path(p))
+    }
+}
+
+impl Serialize for LogStr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -74,21 +249,21 @@ pub struct AccessLogEntry {
     #[serde(serialize_with = "start_time")]
     pub start_time: SystemTime,
     /// `%ROUTE_NAME%`.
-    pub route_name: Option<String>,
+    pub route_name: Option<LogStr>,
     /// `%REQ(:METHOD)%`.
-    pub method: Option<String>,
+    pub method: Option<LogStr>,
     /// `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.
-    pub path: Option<String>,
+    pub path: Option<LogStr>,
     /// `%PROTOCOL%`, e.g. `HTTP/1.1`, `HTTP/2`.
-    pub protocol: Option<String>,
+    pub protocol: Option<LogStr>,
     /// `%RESPONSE_CODE%`; 0 when no response was sent (Envoy prints 0 too).
     pub response_code: u16,
     /// `%RESPONSE_FLAGS%`.
     pub response_flags: ResponseFlags,
     /// `%RESPONSE_CODE_DETAILS%`, e.g. `via_upstream`.
-    pub response_code_details: Option<String>,
+    pub response_code_details: Option<LogStr>,
     /// `%CONNECTION_TERMINATION_DETAILS%`.
-    pub connection_termination_details: Option<String>,
+    pub connection_termination_details: Option<LogStr>,
     /// `%BYTES_RECEIVED%` (request body bytes).
     pub bytes_received: u64,
     /// `%BYTES_SENT%` (response body bytes).
@@ -99,27 +274,31 @@ pub struct AccessLogEntry {
     #[serde(serialize_with = "header_number")]
     pub upstream_service_time: Option<u64>,
     /// `%REQ(X-FORWARDED-FOR)%`.
-    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_for: Option<LogStr>,
     /// `%REQ(USER-AGENT)%`.
-    pub user_agent: Option<String>,
+    pub user_agent: Option<LogStr>,
     /// `%REQ(X-REQUEST-ID)%`.
-    pub request_id: Option<String>,
+    pub request_id: Option<LogStr>,
     /// `%REQ(:AUTHORITY)%`.
-    pub authority: Option<String>,
+    pub authority: Option<LogStr>,
     /// `%UPSTREAM_HOST%`.
+    #[serde(serialize_with = "socket_addr")]
     pub upstream_host: Option<SocketAddr>,
     /// `%UPSTREAM_CLUSTER%`, e.g. `outbound|443||aliyun.com`.
-    pub upstream_cluster: Option<String>,
+    pub upstream_cluster: Option<LogStr>,
     /// `%UPSTREAM_LOCAL_ADDRESS%`.
+    #[serde(serialize_with = "socket_addr")]
     pub upstream_local_address: Option<SocketAddr>,
     /// `%DOWNSTREAM_LOCAL_ADDRESS%`.
+    #[serde(serialize_with = "socket_addr")]
     pub downstream_local_address: Option<SocketAddr>,
     /// `%DOWNSTREAM_REMOTE_ADDRESS%`.
+    #[serde(serialize_with = "socket_addr")]
     pub downstream_remote_address: Option<SocketAddr>,
     /// `%REQUESTED_SERVER_NAME%` (SNI).
-    pub requested_server_name: Option<String>,
+    pub requested_server_name: Option<LogStr>,
     /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
-    pub upstream_transport_failure_reason: Option<String>,
+    pub upstream_transport_failure_reason: Option<LogStr>,
 }
 
 impl AccessLogEntry {
@@ -564,6 +743,66 @@ mod tests {
     }
 
     #[test]
+    fn socket_addresses_print_like_display() {
+        #[derive(Serialize)]
+        struct One(#[serde(serialize_with = "socket_addr")] Option<SocketAddr>);
+        for text in [
+            "0.0.0.0:0",
+            "1.2.3.4:5",
+            "10.244.1.20:15008",
+            "255.255.255.255:65535",
+            "203.0.113.10:443",
+            "[fd00::1]:5555",
+            "[::ffff:1.2.3.4]:80",
+        ] {
+            let addr: SocketAddr = text.parse().expect("addr");
+            assert_eq!(addr.to_string(), text);
+            assert_eq!(
+                serde_json::to_string(&One(Some(addr))).expect("serialize"),
+                format!("\"{text}\"")
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&One(None)).expect("serialize"),
+            "null"
+        );
+    }
+
+    #[test]
+    fn log_str_sources_serialise_as_their_text() {
+        let header = http::HeaderValue::from_static("curl/8.5.0");
+        let path = http::uri::PathAndQuery::from_static("/a/b?c=d");
+        let shared: Arc<str> = Arc::from("outbound|443||aliyun.com");
+        let all = [
+            (LogStr::from("HTTP/1.1"), "HTTP/1.1"),
+            (LogStr::from(String::from("owned")), "owned"),
+            (LogStr::from(&shared), "outbound|443||aliyun.com"),
+            (LogStr::from_header(&header).expect("text"), "curl/8.5.0"),
+            (LogStr::from(path), "/a/b?c=d"),
+        ];
+        for (s, text) in all {
+            assert_eq!(s, text);
+            assert_eq!(s.to_string(), text);
+            assert_eq!(
+                serde_json::to_string(&s).expect("serialize"),
+                format!("\"{text}\"")
+            );
+        }
+        let from_header = LogStr::from_header(&header).expect("text");
+        assert_eq!(from_header.header_value(), Some(&header));
+        assert_eq!(LogStr::from("x").header_value(), None);
+        // Opaque bytes are not text: no field rather than a lossy one.
+        let opaque = http::HeaderValue::from_bytes(b"\xffabc").expect("value");
+        assert!(LogStr::from_header(&opaque).is_none());
+        // Quotes and control characters are escaped like any JSON string.
+        let quoted = http::HeaderValue::from_static("a \"b\"");
+        assert_eq!(
+            serde_json::to_string(&LogStr::from_header(&quoted)).expect("serialize"),
+            r#""a \"b\"""#
+        );
+    }
+
+    #[test]
     fn full_entry_types() {
         let mut entry = AccessLogEntry::new(UNIX_EPOCH + Duration::from_millis(1500));
         entry.method = Some("GET".into());
@@ -644,7 +883,8 @@ mod tests {
                 tokio::spawn(async move {
                     for i in 0..500u64 {
                         let mut entry = AccessLogEntry::new(SystemTime::now());
-                        entry.path = Some(format!("/task/{task}/{}", "x".repeat(i as usize % 300)));
+                        entry.path =
+                            Some(format!("/task/{task}/{}", "x".repeat(i as usize % 300)).into());
                         entry.bytes_sent = i;
                         logger.log(&entry);
                     }

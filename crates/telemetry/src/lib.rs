@@ -17,7 +17,7 @@ use std::io::IsTerminal;
 use std::str::FromStr;
 
 pub use access_log::{
-    AccessLogEntry, AccessLogger, ConnectionLogEntry, ConnectionOutcome, Direction,
+    AccessLogEntry, AccessLogger, ConnectionLogEntry, ConnectionOutcome, Direction, LogStr,
 };
 pub use admin::{AdminState, Endpoints, Readiness};
 pub use flags::{ResponseFlag, ResponseFlags};

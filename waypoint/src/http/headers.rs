@@ -1,13 +1,18 @@
 //! Header handling shared by the pipeline: hop-by-hop headers, `x-request-id`, the proxy's own
 //! response headers.
 
-use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Version};
+use http::header::{
+    CONNECTION, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, Method, Version};
+use telemetry::LogStr;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
 /// Removes connection-specific headers (RFC 9110 §7.6.1), including those named by
@@ -23,12 +28,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
+    // Names, not strings: a string is parsed into a name on every call.
+    const FIXED: [HeaderName; 4] = [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ];
+    for name in FIXED {
         headers.remove(name);
     }
     headers.remove(CONNECTION);
@@ -66,33 +73,57 @@ pub fn upgrade_protocol(version: Version, headers: &HeaderMap) -> Option<HeaderV
     (asks && !h2c).then(|| proto.clone())
 }
 
-/// The request's `x-request-id`, generated (UUID v4) when absent or unusable.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
+/// The request's `x-request-id`, generated (UUID v4) when absent or unusable (not text, or
+/// empty). The value is the header's own (shared bytes), so logging it copies nothing.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers
         .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
+        .filter(|v| !v.is_empty() && v.to_str().is_ok())
     {
-        return id.to_owned();
+        return id.clone();
     }
-    let id = uuid_v4(fastrand::u128(..));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    let uuid = uuid_v4(fastrand::u128(..));
+    // Hex digits and dashes only: always a valid header value.
+    let id = HeaderValue::from_bytes(&uuid).unwrap_or(HeaderValue::from_static(""));
+    headers.insert(X_REQUEST_ID, id.clone());
     id
 }
 
-/// Formats 128 random bits as an RFC 9562 version-4 UUID.
-pub fn uuid_v4(random: u128) -> String {
+/// Formats 128 random bits as an RFC 9562 version-4 UUID (lower-case hex, on the stack: one is
+/// made per request).
+pub fn uuid_v4(random: u128) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let b = (random & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        (b >> 96) as u32,
-        (b >> 80) as u16,
-        (b >> 64) as u16,
-        (b >> 48) as u16,
-        b & 0xFFFF_FFFF_FFFF
-    )
+    let mut out = [b'-'; 36];
+    let mut nibble = 32;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        nibble -= 1;
+        // Masked to 4 bits: a valid index.
+        *slot = HEX[((b >> (nibble * 4)) & 0xF) as usize];
+    }
+    out
+}
+
+/// `%REQ(:METHOD)%`: the standard methods are constants, so logging them copies nothing.
+pub fn method_name(m: &Method) -> LogStr {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::PATCH, "PATCH"),
+        (Method::TRACE, "TRACE"),
+    ];
+    match STANDARD.iter().find(|(s, _)| s == m) {
+        Some((_, name)) => (*name).into(),
+        None => m.as_str().to_owned().into(),
+    }
 }
 
 /// `%PROTOCOL%`.
@@ -175,17 +206,43 @@ mod tests {
     }
 
     #[test]
+    fn method_names() {
+        for m in [
+            "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "CONNECT", "PATCH",
+        ] {
+            let method = Method::from_bytes(m.as_bytes()).expect("method");
+            assert_eq!(method_name(&method), m);
+        }
+        let custom = Method::from_bytes(b"PURGE").expect("method");
+        assert_eq!(method_name(&custom), "PURGE");
+    }
+
+    #[test]
     fn request_ids() {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, "abc".parse().expect("value"));
         assert_eq!(ensure_request_id(&mut h), "abc");
+        // Empty or opaque ids are replaced.
+        for bad in [&b""[..], &b"\xff"[..]] {
+            let mut h = HeaderMap::new();
+            h.insert(X_REQUEST_ID, HeaderValue::from_bytes(bad).expect("value"));
+            let id = ensure_request_id(&mut h);
+            assert_eq!(id.len(), 36);
+            assert_eq!(h.get(X_REQUEST_ID), Some(&id));
+        }
         let mut h = HeaderMap::new();
         let id = ensure_request_id(&mut h);
+        assert_eq!(h.get(X_REQUEST_ID), Some(&id));
+        assert_eq!(h.len(), 1);
+        let text = |b: [u8; 36]| String::from_utf8(b.to_vec()).expect("ascii");
+        assert_eq!(text(uuid_v4(0)), "00000000-0000-4000-8000-000000000000");
         assert_eq!(
-            h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()),
-            Some(id.as_str())
+            text(uuid_v4(u128::MAX)),
+            "ffffffff-ffff-4fff-bfff-ffffffffffff"
         );
-        assert_eq!(uuid_v4(0), "00000000-0000-4000-8000-000000000000");
-        assert_eq!(uuid_v4(u128::MAX), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(
+            text(uuid_v4(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)),
+            "01234567-89ab-4def-8123-456789abcdef"
+        );
     }
 }

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use mesh_config::route::Destination;
 use mesh_config::{Service, ServicePort, Snapshot};
 use tracing::debug;
@@ -67,12 +68,19 @@ pub fn spawn(
         dest.subset.as_deref(),
         ClusterRequest {
             original: Some(original),
-            request_host: Some(&out.authority),
+            request_host: Some(out.authority_str()),
             downstream,
         },
     );
     let mut copy = out.clone();
-    copy.authority = shadow_authority(&out.authority);
+    match HeaderValue::try_from(shadow_authority(out.authority_str())) {
+        Ok(v) => copy.authority = v,
+        // `-shadow` keeps a valid authority valid; skip the copy rather than send it unmarked.
+        Err(_) => {
+            debug!(mirror = %dest.host, "shadow authority is not a valid header value; copy skipped");
+            return;
+        }
+    }
     let proxy = proxy.clone();
     let snap = snap.clone();
     tokio::spawn(async move {

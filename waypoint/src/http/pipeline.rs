@@ -19,17 +19,18 @@ use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, UPGRADE, USER_AGENT,
 };
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_config::route::{AbortStatus, HeaderOps, HttpRequestInfo, HttpRoute};
 use mesh_config::{Service, ServicePort, Snapshot};
-use telemetry::ResponseFlag;
+use telemetry::{LogStr, ResponseFlag};
 use tracing::debug;
 
 use super::body::{self, BodyEnd, Counted, Deadline, OnEnd, ProxyBody, RequestBody};
-use super::headers::{self, X_ENVOY_UPSTREAM_SERVICE_TIME, X_FORWARDED_PROTO};
+use super::headers::{self, X_ENVOY_UPSTREAM_SERVICE_TIME, X_FORWARDED_FOR, X_FORWARDED_PROTO};
 use super::retry::{Outcome, RetryPlan};
 use super::route::{self, Plan};
 use super::{ConnCtx, authz, mirror};
@@ -59,32 +60,33 @@ pub async fn handle(
     let (mut parts, incoming) = req.into_parts();
     let body = Counted::new(incoming, log.request_bytes.clone()).boxed_unsync();
 
+    // The request's own strings (header values and the path share the bytes hyper read) are
+    // borrowed by the log line and the upstream request rather than copied.
     let request_id = headers::ensure_request_id(&mut parts.headers);
-    let authority = parts
+    let authority: LogStr = parts
         .headers
         .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .or_else(|| ctx.target.as_ref().map(|(s, _)| s.hostname.clone()))
-        .unwrap_or_default();
+        .and_then(LogStr::from_header)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string().into()))
+        .or_else(|| ctx.target.as_ref().map(|(s, _)| s.hostname.clone().into()))
+        .unwrap_or_else(|| "".into());
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let e = &mut log.entry;
-    e.method = Some(parts.method.to_string());
-    e.path = Some(path.clone());
-    e.protocol = Some(headers::protocol_name(parts.version).to_owned());
+    e.method = Some(headers::method_name(&parts.method));
+    e.path = Some(path.clone().into());
+    e.protocol = Some(headers::protocol_name(parts.version).into());
     e.authority = Some(authority.clone());
-    e.request_id = Some(request_id);
-    e.user_agent = header_string(&parts.headers, USER_AGENT.as_str());
-    e.x_forwarded_for = header_string(&parts.headers, "x-forwarded-for");
+    e.request_id = LogStr::from_header(&request_id);
+    e.user_agent = header_text(&parts.headers, USER_AGENT);
+    e.x_forwarded_for = header_text(&parts.headers, X_FORWARDED_FOR);
     log.grpc = headers::is_grpc(&parts.headers);
 
-    let Some((service, port)) = ctx.target.clone() else {
-        log.entry.upstream_cluster = Some("BlackHoleCluster".to_owned());
+    let Some((service, port)) = ctx.target.as_ref() else {
+        log.entry.upstream_cluster = Some("BlackHoleCluster".into());
         log.flag(ResponseFlag::NoRouteFound);
         let msg = format!(
             "{authority} ({}) is not a registered service and the mesh's outbound traffic policy is REGISTRY_ONLY\n",
@@ -99,7 +101,7 @@ pub async fn handle(
         let request = authz::HttpRequest {
             host: &authority,
             method: parts.method.as_str(),
-            path: &path,
+            path: path.as_str(),
             headers: &parts.headers,
         };
         let attrs = authz::attrs(
@@ -110,7 +112,7 @@ pub async fn handle(
             None,
             Some(request),
         );
-        authz::decide(&snap, &proxy.gateway, Some(&service), &attrs)
+        authz::decide(&snap, &proxy.gateway, Some(service.as_ref()), &attrs)
     };
     if !decision.is_allow() {
         debug!(?decision, "request denied by policy");
@@ -120,7 +122,7 @@ pub async fn handle(
             log,
             StatusCode::FORBIDDEN,
             "RBAC: access denied".into(),
-            &details,
+            details,
         );
     }
 
@@ -128,7 +130,7 @@ pub async fn handle(
     let source_labels = observe::source_workload_labels(&snap, &ctx.downstream);
     let info = HttpRequestInfo {
         method: parts.method.as_str(),
-        path: &path,
+        path: path.as_str(),
         authority: &authority,
         scheme: "http",
         port: port.port,
@@ -138,9 +140,12 @@ pub async fn handle(
     };
     let routes = snap.routes_for_host(&service.hostname).map(|r| r.as_ref());
     let plan = route::plan(routes, &service.hostname, &info, fastrand::u64(..));
-    log.entry.route_name = Some(plan.route_name().to_owned());
+    // `RequestLog::new` logged the default name already; only a named route is copied.
+    if plan.route_name() != observe::DEFAULT_ROUTE_NAME {
+        log.entry.route_name = Some(plan.route_name().to_owned().into());
+    }
     let the_route = route::route_of(&plan);
-    let response_ops: Vec<&HeaderOps> = the_route.map(|r| &r.headers).into_iter().collect();
+    let response_ops: Option<&HeaderOps> = the_route.map(|r| &r.headers);
     let (route_match, dest, dest_headers) = match plan {
         Plan::Forward {
             route,
@@ -176,7 +181,7 @@ pub async fn handle(
             if let Some(v) = headers::value(&location) {
                 resp.headers_mut().insert(LOCATION, v);
             }
-            apply_response_ops(resp.headers_mut(), &response_ops, None);
+            apply_response_ops(resp.headers_mut(), response_ops, None);
             log.entry.response_code_details = Some("direct_response".into());
             return finish(proxy, log, resp);
         }
@@ -190,7 +195,7 @@ pub async fn handle(
                 resp.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
-            apply_response_ops(resp.headers_mut(), &response_ops, None);
+            apply_response_ops(resp.headers_mut(), response_ops, None);
             log.entry.response_code_details = Some("direct_response".into());
             return finish(proxy, log, resp);
         }
@@ -210,16 +215,18 @@ pub async fn handle(
     }
 
     // The destination cluster.
-    let Some((dest_service, dest_port)) =
-        destination(&snap, &service, &port, &dest.host, dest.port)
+    let Some((dest_service, dest_port)) = destination(&snap, service, port, dest.host, dest.port)
     else {
         log.flag(ResponseFlag::NoClusterFound);
-        log.entry.upstream_cluster = Some(format!(
-            "outbound|{}|{}|{}",
-            dest.port.unwrap_or(port.port),
-            dest.subset.as_deref().unwrap_or(""),
-            dest.host
-        ));
+        log.entry.upstream_cluster = Some(
+            format!(
+                "outbound|{}|{}|{}",
+                dest.port.unwrap_or(port.port),
+                dest.subset.unwrap_or(""),
+                dest.host
+            )
+            .into(),
+        );
         return local_reply(
             proxy,
             log,
@@ -236,31 +243,40 @@ pub async fn handle(
     let cluster = proxy.upstream.clusters.get(
         &snap,
         &proxy.gateway,
-        &dest_service,
-        &dest_port,
-        dest.subset.as_deref(),
+        dest_service,
+        dest_port,
+        dest.subset,
         ClusterRequest {
             original: Some(ctx.downstream.local),
-            request_host: Some(&authority),
+            request_host: Some(authority.as_str()),
             downstream: downstream_version,
         },
     );
-    log.entry.upstream_cluster = Some(cluster.name.clone());
+    log.entry.upstream_cluster = Some((&cluster.name).into());
     if let Some(tls) = &cluster.tls {
         debug!(sni = %tls.sni, "originating TLS");
     }
 
     // The request as sent upstream.
-    let mut out = Outgoing {
-        method: parts.method.clone(),
-        path: route_match
-            .and_then(|m| m.rewritten_path(&path))
-            .unwrap_or_else(|| path.clone()),
-        authority: route
-            .and_then(|r| r.rewrite.as_ref())
-            .and_then(|rw| rw.authority.clone())
-            .unwrap_or_else(|| authority.clone()),
-        headers: parts.headers,
+    let rewritten_path = route_match.and_then(|m| m.rewritten_path(path.as_str()));
+    let rewritten_authority = route
+        .and_then(|r| r.rewrite.as_ref())
+        .and_then(|rw| rw.authority.clone());
+    let mut out = match Outgoing::new(
+        parts.method,
+        path,
+        rewritten_path,
+        &authority,
+        rewritten_authority,
+        parts.headers,
+    ) {
+        Ok(out) => out,
+        Err(e) => {
+            let failure = Failure::BadRequest(e);
+            let (status, flag, text, details) = failure.reply();
+            log.flag(flag);
+            return local_reply(proxy, log, status, text, details);
+        }
     };
     headers::remove_hop_by_hop(&mut out.headers);
     out.headers.remove(HOST);
@@ -328,8 +344,8 @@ pub async fn handle(
             mirror::spawn(
                 proxy,
                 &snap,
-                &service,
-                &port,
+                service,
+                port,
                 &m.destination,
                 &out,
                 copy,
@@ -379,24 +395,26 @@ pub async fn handle(
                 let (mut rparts, _) = resp.into_parts();
                 let proto = rparts.headers.get(UPGRADE).cloned();
                 headers::remove_hop_by_hop(&mut rparts.headers);
-                apply_response_ops(&mut rparts.headers, &response_ops, dest_headers);
+                apply_response_ops(&mut rparts.headers, response_ops, dest_headers);
                 rparts
                     .headers
                     .insert(CONNECTION, HeaderValue::from_static("upgrade"));
                 if let Some(p) = proto {
                     rparts.headers.insert(UPGRADE, p);
                 }
-                if let Ok(v) = HeaderValue::from_str(&upstream_ms.to_string()) {
-                    rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
-                }
+                rparts.headers.insert(
+                    X_ENVOY_UPSTREAM_SERVICE_TIME,
+                    HeaderValue::from(upstream_ms),
+                );
                 return splice_upgraded(proxy, log, rparts, downstream, upstream);
             }
             let (mut rparts, rbody) = resp.into_parts();
             headers::remove_hop_by_hop(&mut rparts.headers);
-            apply_response_ops(&mut rparts.headers, &response_ops, dest_headers);
-            if let Ok(v) = HeaderValue::from_str(&upstream_ms.to_string()) {
-                rparts.headers.insert(X_ENVOY_UPSTREAM_SERVICE_TIME, v);
-            }
+            apply_response_ops(&mut rparts.headers, response_ops, dest_headers);
+            rparts.headers.insert(
+                X_ENVOY_UPSTREAM_SERVICE_TIME,
+                HeaderValue::from(upstream_ms),
+            );
             match body_deadline {
                 Some(deadline) => {
                     let fired = Arc::new(AtomicBool::new(false));
@@ -409,40 +427,43 @@ pub async fn handle(
         Err(failure) => {
             let (status, flag, text, details) = failure.reply();
             log.flag(flag);
-            log.entry.upstream_transport_failure_reason = failure.transport_failure_reason();
+            log.entry.upstream_transport_failure_reason =
+                failure.transport_failure_reason().map(Into::into);
             local_reply(proxy, log, status, text, details)
         }
     }
 }
 
-fn header_string(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// A request header for the log: its own bytes when it is text.
+fn header_text(h: &HeaderMap, name: HeaderName) -> Option<LogStr> {
+    h.get(name).and_then(LogStr::from_header)
 }
 
 /// The service and port a route destination names: the tunnel's own service when the host is
 /// its host, else the registry's (exact host, then wildcard entries).
-fn destination(
-    snap: &Snapshot,
-    service: &Arc<Service>,
-    port: &ServicePort,
+/// Borrowed from the snapshot: this runs per request.
+fn destination<'a>(
+    snap: &'a Snapshot,
+    service: &'a Arc<Service>,
+    port: &'a ServicePort,
     host: &str,
     dest_port: Option<u16>,
-) -> Option<(Arc<Service>, ServicePort)> {
+) -> Option<(&'a Arc<Service>, &'a ServicePort)> {
     let svc = if host == service.hostname {
-        service.clone()
+        service
     } else {
-        snap.service_by_host(host)?.clone()
+        snap.service_by_host(host)?
     };
     let number = dest_port.unwrap_or(port.port);
-    let sp = svc.port(number).cloned().or_else(|| {
+    let sp = svc.port(number).or_else(|| {
         // A single-port destination named without a port uses that port (Istio's rule).
-        (dest_port.is_none() && svc.ports.len() == 1).then(|| svc.ports[0].clone())
+        (dest_port.is_none() && svc.ports.len() == 1).then(|| &svc.ports[0])
     })?;
     Some((svc, sp))
 }
 
-fn apply_response_ops(h: &mut HeaderMap, route: &[&HeaderOps], dest: Option<&HeaderOps>) {
-    for ops in route.iter().copied().chain(dest) {
+fn apply_response_ops(h: &mut HeaderMap, route: Option<&HeaderOps>, dest: Option<&HeaderOps>) {
+    for ops in route.into_iter().chain(dest) {
         ops.response.apply(h);
     }
 }
@@ -543,9 +564,9 @@ fn local_reply(
     mut log: RequestLog,
     status: StatusCode,
     text: String,
-    details: &str,
+    details: impl Into<LogStr>,
 ) -> Response<ProxyBody> {
-    log.entry.response_code_details = Some(details.to_owned());
+    log.entry.response_code_details = Some(details.into());
     let len = text.len();
     let mut resp = Response::new(body::full(text));
     *resp.status_mut() = status;
@@ -628,19 +649,54 @@ fn grpc_code(s: &str) -> u8 {
         .unwrap_or(2)
 }
 
-/// The request as sent upstream, reusable across tries.
+/// The request as sent upstream, reusable across tries. Path and `Host` are kept as the shared
+/// bytes they were parsed into, so each try copies neither.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub method: Method,
     /// Path and query.
-    pub path: String,
+    pub path: PathAndQuery,
     /// Sent as `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-    pub authority: String,
+    pub authority: HeaderValue,
     /// Without `Host` and hop-by-hop headers.
     pub headers: HeaderMap,
 }
 
 impl Outgoing {
+    /// The request's path and authority, or the route's rewrites of them; fails when a rewrite
+    /// cannot be sent.
+    pub fn new(
+        method: Method,
+        path: PathAndQuery,
+        rewritten_path: Option<String>,
+        authority: &LogStr,
+        rewritten_authority: Option<String>,
+        headers: HeaderMap,
+    ) -> Result<Self, http::Error> {
+        let path = match rewritten_path {
+            Some(p) => PathAndQuery::try_from(p)?,
+            None => path,
+        };
+        let authority = match rewritten_authority {
+            Some(a) => HeaderValue::try_from(a)?,
+            None => match authority.header_value() {
+                Some(v) => v.clone(),
+                None => HeaderValue::from_str(authority)?,
+            },
+        };
+        Ok(Outgoing {
+            method,
+            path,
+            authority,
+            headers,
+        })
+    }
+
+    /// The authority as text (it was text when built).
+    pub fn authority_str(&self) -> &str {
+        self.authority.to_str().unwrap_or_default()
+    }
+
     pub fn to_request(
         &self,
         version: HttpVersion,
@@ -652,16 +708,17 @@ impl Outgoing {
         *req.headers_mut() = self.headers.clone();
         match version {
             HttpVersion::Http1 => {
-                *req.uri_mut() = Uri::try_from(self.path.as_str())?;
-                req.headers_mut()
-                    .insert(HOST, HeaderValue::try_from(self.authority.as_str())?);
+                let mut uri = http::uri::Parts::default();
+                uri.path_and_query = Some(self.path.clone());
+                *req.uri_mut() = Uri::from_parts(uri)?;
+                req.headers_mut().insert(HOST, self.authority.clone());
             }
             HttpVersion::Http2 => {
                 let scheme = if tls { "https" } else { "http" };
                 *req.uri_mut() = Uri::builder()
                     .scheme(scheme)
-                    .authority(self.authority.as_str())
-                    .path_and_query(self.path.as_str())
+                    .authority(self.authority.as_bytes())
+                    .path_and_query(self.path.clone())
                     .build()?;
                 *req.version_mut() = http::Version::HTTP_2;
             }

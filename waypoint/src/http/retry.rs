@@ -1,5 +1,6 @@
 //! Retry policy: which outcomes are retried (Envoy's `retryOn` semantics) and the back-off.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
@@ -64,7 +65,8 @@ pub struct RetryPlan {
     pub retries: u32,
     pub per_try_timeout: Option<Duration>,
     pub on: RetryOn,
-    pub retriable_status: Vec<u16>,
+    /// Borrowed for Istio's default (`[503]`): the plan is made per request.
+    pub retriable_status: Cow<'static, [u16]>,
     pub backoff: Duration,
 }
 
@@ -77,7 +79,7 @@ impl RetryPlan {
                 retries: p.attempts,
                 per_try_timeout: p.per_try_timeout,
                 on: RetryOn::parse(p.retry_on.iter().map(String::as_str)),
-                retriable_status: p.retriable_status.clone(),
+                retriable_status: Cow::Owned(p.retriable_status.clone()),
                 backoff: p.backoff.unwrap_or(DEFAULT_BACKOFF),
             },
             None => RetryPlan {
@@ -90,7 +92,7 @@ impl RetryPlan {
                     "cancelled",
                     "retriable-status-codes",
                 ]),
-                retriable_status: vec![503],
+                retriable_status: Cow::Borrowed(&[503]),
                 backoff: DEFAULT_BACKOFF,
             },
         }

@@ -11,11 +11,12 @@ use crate::observe::DEFAULT_ROUTE_NAME;
 
 /// Where a forwarded request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dest {
-    pub host: String,
+pub struct Dest<'a> {
+    /// Borrowed from the route (or the service): planning runs per request.
+    pub host: &'a str,
     /// `None` = the port the request came in on.
     pub port: Option<u16>,
-    pub subset: Option<String>,
+    pub subset: Option<&'a str>,
 }
 
 /// The decision for one request.
@@ -25,7 +26,7 @@ pub enum Plan<'a> {
     /// to the service itself).
     Forward {
         route: Option<RouteMatch<'a>>,
-        dest: Dest,
+        dest: Dest<'a>,
         /// Header operations of the chosen weighted destination.
         dest_headers: Option<&'a HeaderOps>,
     },
@@ -67,7 +68,7 @@ impl Plan<'_> {
 /// `random` picks the weighted destination.
 pub fn plan<'a>(
     routes: Option<&'a ServiceRoutes>,
-    service_host: &str,
+    service_host: &'a str,
     req: &HttpRequestInfo<'_>,
     random: u64,
 ) -> Plan<'a> {
@@ -75,7 +76,7 @@ pub fn plan<'a>(
         return Plan::Forward {
             route: None,
             dest: Dest {
-                host: service_host.to_owned(),
+                host: service_host,
                 port: None,
                 subset: None,
             },
@@ -90,9 +91,9 @@ pub fn plan<'a>(
             Some(w) => Plan::Forward {
                 route: Some(m),
                 dest: Dest {
-                    host: w.destination.host.clone(),
+                    host: &w.destination.host,
                     port: w.destination.port,
-                    subset: w.destination.subset.clone(),
+                    subset: w.destination.subset.as_deref(),
                 },
                 dest_headers: Some(&w.headers),
             },

@@ -106,8 +106,9 @@ impl UpstreamError {
 /// Where traffic for one (service, port, subset) goes and how.
 #[derive(Debug, Clone)]
 pub struct Cluster {
-    /// `inbound-vip|80|http|aliyun.com;` or `outbound|80|v1|aliyun.com`.
-    pub name: String,
+    /// `inbound-vip|80|http|aliyun.com;` or `outbound|80|v1|aliyun.com`. Shared: every request's
+    /// log line names it.
+    pub name: Arc<str>,
     /// The destination host: the service host name (the request's host for wildcard entries).
     pub host: String,
     pub service: Arc<Service>,
@@ -115,7 +116,8 @@ pub struct Cluster {
     pub subset: Option<String>,
     pub endpoints: Vec<EndpointSpec>,
     pub version: HttpVersion,
-    pub tls: Option<TlsSpec>,
+    /// Shared with the pool keys: a key is made per request.
+    pub tls: Option<Arc<TlsSpec>>,
     pub limits: PoolLimits,
     /// DestinationRule `outlierDetection`.
     pub outlier: Option<mesh_config::policy::OutlierDetection>,
@@ -204,11 +206,12 @@ pub fn build_cluster(
         .and_then(|s| policy.and_then(|p| p.subset(s)))
         .map(|s| &s.labels);
     Cluster {
-        name: cluster_name(service, sp, subset, gateway),
+        name: cluster_name(service, sp, subset, gateway).into(),
         endpoints: endpoints_for(service, sp, subset_labels, req.original, req.request_host),
         tls: traffic
             .tls
-            .and_then(|t| TlsSpec::from_client_tls(t, &host, alpn)),
+            .and_then(|t| TlsSpec::from_client_tls(t, &host, alpn))
+            .map(Arc::new),
         limits: PoolLimits::from_settings(traffic.connection_pool, version),
         outlier: traffic.outlier_detection.cloned(),
         host,
@@ -342,7 +345,7 @@ impl Upstream {
                 .outliers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&cluster.name)
+                .get(&*cluster.name)
                 .is_some_and(|d| {
                     d.skips(od, addr, cluster.endpoints.len(), std::time::Instant::now())
                 });
@@ -360,9 +363,9 @@ impl Upstream {
     pub fn observe(&self, cluster: &Cluster, addr: SocketAddr, obs: outlier::Observation) {
         let Some(od) = &cluster.outlier else { return };
         let mut outliers = self.outliers.lock().unwrap_or_else(PoisonError::into_inner);
-        let detector = match outliers.get_mut(&cluster.name) {
+        let detector = match outliers.get_mut(&*cluster.name) {
             Some(d) => d,
-            None => outliers.entry(cluster.name.clone()).or_default(),
+            None => outliers.entry(cluster.name.to_string()).or_default(),
         };
         let ejected = detector.record(
             od,
@@ -392,10 +395,10 @@ impl Upstream {
             0
         } else {
             let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-            match next.get(&cluster.name) {
+            match next.get(&*cluster.name) {
                 Some(c) => c.fetch_add(1, Ordering::Relaxed),
                 None => next
-                    .entry(cluster.name.clone())
+                    .entry(cluster.name.to_string())
                     .or_default()
                     .fetch_add(1, Ordering::Relaxed),
             }
@@ -517,7 +520,7 @@ spec:
             downstream: HttpVersion::Http1,
         };
         let c = build_cluster(&snap, &gw, &svc, &svc.ports[0], None, req);
-        assert_eq!(c.name, "inbound-vip|80|http|aliyun.com;");
+        assert_eq!(&*c.name, "inbound-vip|80|http|aliyun.com;");
         assert_eq!(
             c.endpoints,
             vec![EndpointSpec::Name {
@@ -533,14 +536,14 @@ spec:
 
         // Another port: no TLS (port-level), HTTP/2, and a subset makes it an outbound cluster.
         let c = build_cluster(&snap, &gw, &svc, &svc.ports[1], Some("v1"), req);
-        assert_eq!(c.name, "outbound|8080|v1|aliyun.com");
+        assert_eq!(&*c.name, "outbound|8080|v1|aliyun.com");
         assert!(c.tls.is_none());
         assert_eq!(c.version, HttpVersion::Http2);
 
         // Seen from another waypoint, the same service is an outbound cluster.
         let other = NamespacedName::new("istio-egress", "other");
         let c = build_cluster(&snap, &other, &svc, &svc.ports[0], None, req);
-        assert_eq!(c.name, "outbound|80||aliyun.com");
+        assert_eq!(&*c.name, "outbound|80||aliyun.com");
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl PoolLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub addr: SocketAddr,
-    pub tls: Option<TlsSpec>,
+    pub tls: Option<Arc<TlsSpec>>,
     pub version: HttpVersion,
     pub limits: PoolLimits,
 }
