@@ -898,23 +898,13 @@ rules:
 
     #[test]
     fn invalid_condition_values_are_named() {
-        let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(
+        let (p, out) = compile_yaml(
+            "ns",
+            "p",
             "rules: [{when: [{key: source.ip, values: ['10.0.0.0/8', nope]}, \
              {key: destination.port, notValues: ['http']}]}]",
-        )
-        .expect("spec");
-        let src = SourceRef {
-            file: "t.yaml".into(),
-            document: 1,
-        };
-        let mut out = Vec::new();
-        let mut e = ObjErrors {
-            source: &src,
-            kind: "AuthorizationPolicy",
-            object: "ns/p".into(),
-            out: &mut out,
-        };
-        let p = compile(NamespacedName::new("ns", "p"), &spec, &mut e).expect("policy");
+        );
+        let p = p.expect("policy");
         let paths: Vec<_> = out.iter().map(|e| e.path.as_deref()).collect();
         assert_eq!(
             paths,
@@ -927,7 +917,12 @@ rules:
         assert!(p.rules[0].when.is_empty());
     }
 
-    fn policy(ns: &str, name: &str, yaml: &str) -> Arc<Policy> {
+    /// Compiles one policy's spec, returning it and the errors reported against it.
+    fn compile_yaml(
+        ns: &str,
+        name: &str,
+        yaml: &str,
+    ) -> (Option<Policy>, Vec<crate::error::ConfigError>) {
         let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(yaml).unwrap();
         let src = SourceRef {
             file: "t.yaml".into(),
@@ -940,9 +935,14 @@ rules:
             object: format!("{ns}/{name}"),
             out: &mut out,
         };
-        let p = compile(NamespacedName::new(ns, name), &spec, &mut e).unwrap();
+        let p = compile(NamespacedName::new(ns, name), &spec, &mut e);
+        (p, out)
+    }
+
+    fn policy(ns: &str, name: &str, yaml: &str) -> Arc<Policy> {
+        let (p, out) = compile_yaml(ns, name, yaml);
         assert!(out.is_empty(), "{out:?}");
-        Arc::new(p)
+        Arc::new(p.unwrap())
     }
 
     fn set(ps: &[Arc<Policy>]) -> AuthzPolicies {
@@ -1171,22 +1171,11 @@ rules:
 
     #[test]
     fn unsupported_when_key_is_named() {
-        let spec: m::AuthorizationPolicySpec = serde_yaml_ng::from_str(
+        let (_, out) = compile_yaml(
+            "ns",
+            "p",
             "rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]",
-        )
-        .unwrap();
-        let src = SourceRef {
-            file: "t.yaml".into(),
-            document: 1,
-        };
-        let mut out = Vec::new();
-        let mut e = ObjErrors {
-            source: &src,
-            kind: "AuthorizationPolicy",
-            object: "ns/p".into(),
-            out: &mut out,
-        };
-        compile(NamespacedName::new("ns", "p"), &spec, &mut e);
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].path.as_deref(), Some("spec.rules[0].when[0].key"));
         assert!(
