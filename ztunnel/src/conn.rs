@@ -2,7 +2,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
@@ -18,13 +17,14 @@ pub(crate) fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Bytes moved by a splice, readable even after the splice failed half-way.
-#[derive(Debug, Clone, Default)]
+/// Bytes moved by a splice, readable even after the splice failed half-way. Kept beside the
+/// connection's other state and lent to the [`Counted`] streams: no allocation per connection.
+#[derive(Debug, Default)]
 pub(crate) struct ByteCounts {
     /// Client → destination.
-    pub sent: Arc<AtomicU64>,
+    sent: AtomicU64,
     /// Destination → client.
-    pub received: Arc<AtomicU64>,
+    received: AtomicU64,
 }
 
 impl ByteCounts {
@@ -39,18 +39,28 @@ impl ByteCounts {
 
 /// A stream that counts the bytes read from it and written to it, into counters that outlive
 /// it (so a splice that fails or is cancelled half-way still reports what it moved).
-pub(crate) struct Counted<S> {
+pub(crate) struct Counted<'a, S> {
     inner: S,
-    reads: Arc<AtomicU64>,
-    writes: Arc<AtomicU64>,
+    reads: &'a AtomicU64,
+    writes: &'a AtomicU64,
 }
 
-impl<S> Counted<S> {
-    pub(crate) fn new(inner: S, reads: Arc<AtomicU64>, writes: Arc<AtomicU64>) -> Self {
+impl<'a, S> Counted<'a, S> {
+    /// The client's stream: what is read from it is sent, what is written to it received.
+    pub(crate) fn client(inner: S, counts: &'a ByteCounts) -> Self {
         Counted {
             inner,
-            reads,
-            writes,
+            reads: &counts.sent,
+            writes: &counts.received,
+        }
+    }
+
+    /// The destination's stream (inbound: the application): the other way round.
+    pub(crate) fn destination(inner: S, counts: &'a ByteCounts) -> Self {
+        Counted {
+            inner,
+            reads: &counts.received,
+            writes: &counts.sent,
         }
     }
 
@@ -59,7 +69,7 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +83,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,7 +113,7 @@ pub(crate) async fn splice_tcp(
     upstream: &mut TcpStream,
     counts: &ByteCounts,
 ) -> io::Result<()> {
-    let mut client = Counted::new(client, counts.sent.clone(), counts.received.clone());
+    let mut client = Counted::client(client, counts);
     tokio::io::copy_bidirectional(&mut client, upstream)
         .await
         .map(drop)
@@ -126,13 +136,11 @@ mod tests {
     async fn splice_counts_and_half_closes() {
         let (mut client, mut client_side) = pair().await;
         let (mut upstream_side, mut upstream) = pair().await;
-        let counts = ByteCounts::default();
-        let task = {
-            let counts = counts.clone();
-            tokio::spawn(
-                async move { splice_tcp(&mut client_side, &mut upstream_side, &counts).await },
-            )
-        };
+        let task = tokio::spawn(async move {
+            let counts = ByteCounts::default();
+            let spliced = splice_tcp(&mut client_side, &mut upstream_side, &counts).await;
+            (spliced, counts)
+        });
         client.write_all(b"hello").await.expect("write");
         client.shutdown().await.expect("half-close");
         let mut got = Vec::new();
@@ -147,7 +155,8 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.expect("read");
         assert_eq!(back, b"world!");
-        task.await.expect("join").expect("splice ok");
+        let (spliced, counts) = task.await.expect("join");
+        spliced.expect("splice ok");
         assert_eq!((counts.sent(), counts.received()), (5, 6));
     }
 

@@ -15,12 +15,12 @@ use std::time::Duration;
 use http::StatusCode;
 use mesh_config::authz::Decision;
 use mesh_config::{RequestAttrs, Snapshot, Workload};
-use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy, WorkloadLabels};
+use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::conn::{ByteCounts, Counted, reset, splice_tcp};
-use crate::metrics::{ConnTrace, principal_labels, workload_labels, workload_meta};
+use crate::metrics::{ConnTrace, Peer};
 use crate::outbound::canonical;
 use crate::pods::PodCtx;
 
@@ -72,18 +72,16 @@ pub fn check_inbound(
     }
 }
 
-fn source_labels(snap: &Snapshot, source_ip: IpAddr, principal: Option<&str>) -> WorkloadLabels {
+/// The source as telemetry names it: the workload at the source address only when it is the
+/// authenticated peer.
+fn source_peer(snap: &Snapshot, source_ip: IpAddr, principal: Option<&str>) -> Peer {
     let by_ip = snap.workload_by_ip(source_ip);
     match (by_ip, principal) {
-        (Some(w), Some(p)) if w.identity.to_string() == p => workload_labels(w),
-        (_, Some(p)) => principal_labels(p),
-        (Some(w), None) => WorkloadLabels {
-            // Unauthenticated: the workload is a guess from the address, never a principal.
-            workload: workload_meta(w).name,
-            namespace: w.name.namespace.clone(),
-            ..WorkloadLabels::default()
-        },
-        (None, None) => WorkloadLabels::default(),
+        (Some(w), Some(p)) if w.identity.to_string() == p => Peer::Workload(w.clone()),
+        (_, Some(p)) => Peer::Principal(p.into()),
+        // Unauthenticated: the workload is a guess from the address, never a principal.
+        (Some(w), None) => Peer::Unauthenticated(w.clone()),
+        (None, None) => Peer::Unknown,
     }
 }
 
@@ -118,17 +116,21 @@ pub(crate) async fn serve_hbone(ctx: Arc<PodCtx>, listener: TcpListener, server:
     debug!("HBONE listener closed");
 }
 
-struct InboundHandler {
+pub(crate) struct InboundHandler {
     ctx: Arc<PodCtx>,
 }
 
 impl hbone::Handler for InboundHandler {
-    async fn handle(&self, connect: hbone::IncomingConnect) {
-        let ctx = self.ctx.clone();
+    // Not an `async fn`: its argument would stay in the future for the tunnel's life. The
+    // CONNECT goes boxed to the set-up, which frees it once answered.
+    fn handle(
+        &self,
+        connect: hbone::IncomingConnect,
+    ) -> impl std::future::Future<Output = ()> + Send {
         let meta = connect.meta();
         let span =
             info_span!("inbound", src = %canonical(meta.remote_addr), peer = %meta.peer_identity);
-        handle_connect(ctx, connect).instrument(span).await;
+        handle_connect(self.ctx.clone(), Box::new(connect)).instrument(span)
     }
 }
 
@@ -136,13 +138,15 @@ impl hbone::Handler for InboundHandler {
 ///
 /// The set-up runs boxed and only what relaying needs outlives it: a task is as large as its
 /// largest state, and ten thousand idle tunnels would otherwise each keep room for the dial.
-pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingConnect) {
+/// An `async fn`'s arguments stay in its future to the end, hence the CONNECT in a box, which
+/// the set-up consumes.
+pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: Box<hbone::IncomingConnect>) {
     let Some((mut tunnel, mut app, trace)) = Box::pin(set_up(&ctx, connect)).await else {
         return;
     };
     let counts = ByteCounts::default();
     // Towards the application is what the client sent.
-    let mut counted = Counted::new(&mut app, counts.received.clone(), counts.sent.clone());
+    let mut counted = Counted::destination(&mut app, &counts);
     let copied = tokio::select! {
         copied = hbone::copy_bidirectional(&mut tunnel, &mut counted) => copied.map_err(|e| e.to_string()),
         () = ctx.force.cancelled() => Err("drain period over".to_owned()),
@@ -172,8 +176,9 @@ pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: hbone::IncomingCon
 /// was answered with an error (logged and counted).
 async fn set_up(
     ctx: &PodCtx,
-    connect: hbone::IncomingConnect,
+    connect: Box<hbone::IncomingConnect>,
 ) -> Option<(hbone::Tunnel, TcpStream, ConnTrace)> {
+    let connect = *connect;
     let meta = connect.meta();
     let authority = meta.authority;
     let target = canonical(authority);
@@ -190,9 +195,9 @@ async fn set_up(
     let snap = ctx.shared.store.current();
     let pod = ctx.workload(&snap);
     let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
-    trace.entry.dst_hbone_addr = Some(authority.to_string());
-    trace.set_source(source_labels(&snap, remote.ip(), Some(&principal)));
-    trace.set_destination(workload_labels(&pod));
+    trace.set_hbone_addr(authority);
+    trace.set_source(source_peer(&snap, remote.ip(), Some(&principal)));
+    trace.set_destination(Peer::Workload(pod.clone()));
     trace.set_security(SecurityPolicy::MutualTls);
     match check_inbound(&snap, &pod, Some(&principal), remote.ip(), target) {
         InboundVerdict::Allow => {}
@@ -310,8 +315,8 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
     let snap = ctx.shared.store.current();
     let pod = ctx.workload(&snap);
     let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
-    trace.set_source(source_labels(&snap, source.ip(), None));
-    trace.set_destination(workload_labels(&pod));
+    trace.set_source(source_peer(&snap, source.ip(), None));
+    trace.set_destination(Peer::Workload(pod.clone()));
     trace.set_security(SecurityPolicy::None);
     match check_inbound(&snap, &pod, None, source.ip(), target) {
         InboundVerdict::Allow => {}
@@ -524,9 +529,18 @@ spec:
     fn source_labels_trust_only_matching_identity() {
         let snap = mesh_config::load_sources([("mesh.yaml", MESH)]).expect("compiles");
         let ip: IpAddr = "10.244.1.11".parse().expect("ip");
-        let good = source_labels(&snap, ip, Some("spiffe://cluster.local/ns/front/sa/client"));
-        assert_eq!(good.workload, "client");
-        let spoofed = source_labels(&snap, ip, Some("spiffe://cluster.local/ns/evil/sa/x"));
+        let good = source_peer(&snap, ip, Some("spiffe://cluster.local/ns/front/sa/client"));
+        assert_eq!(good.labels().workload, "client");
+        let unauthenticated = source_peer(&snap, ip, None).labels();
+        assert_eq!(
+            (
+                unauthenticated.workload.as_str(),
+                unauthenticated.namespace.as_str(),
+                unauthenticated.principal.as_str()
+            ),
+            ("client", "front", "")
+        );
+        let spoofed = source_peer(&snap, ip, Some("spiffe://cluster.local/ns/evil/sa/x")).labels();
         assert_eq!(
             (spoofed.workload.as_str(), spoofed.namespace.as_str()),
             ("", "evil")

@@ -197,13 +197,73 @@ pub fn service_labels(service: &ServiceRef) -> ServiceLabels {
     }
 }
 
+/// One end of a connection as the telemetry names it. Kept as a shared reference to the
+/// snapshot's workload (or the peer's identity) rather than as rendered labels: an idle
+/// connection would otherwise hold a dozen label strings until it closes. Rendered when the
+/// connection is counted and when it is logged, from the same workload, so the values are
+/// those of connect time.
+#[derive(Debug, Clone, Default)]
+pub enum Peer {
+    /// Nothing is known: empty labels.
+    #[default]
+    Unknown,
+    /// A workload of the mesh: all of [`workload_labels`].
+    Workload(Arc<Workload>),
+    /// A workload guessed from an unauthenticated address: its workload name and namespace,
+    /// never a principal.
+    Unauthenticated(Arc<Workload>),
+    /// Known only by its SPIFFE identity ([`principal_labels`]).
+    Principal(Box<str>),
+}
+
+impl Peer {
+    /// The metric labels of this end.
+    pub fn labels(&self) -> WorkloadLabels {
+        match self {
+            Peer::Unknown => WorkloadLabels::default(),
+            Peer::Workload(w) => workload_labels(w),
+            Peer::Unauthenticated(w) => WorkloadLabels {
+                workload: workload_meta(w).name,
+                namespace: w.name.namespace.clone(),
+                ..WorkloadLabels::default()
+            },
+            Peer::Principal(p) => principal_labels(p),
+        }
+    }
+
+    /// The `principal` label, for the log's identity fields (`None` when empty).
+    fn principal(&self) -> Option<String> {
+        match self {
+            Peer::Workload(w) => Some(w.identity.to_string()),
+            Peer::Principal(p) if !p.is_empty() => Some(p.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// The telemetry of one connection, from accept to close.
+///
+/// It lives as long as the connection, so it holds only what the metric labels and the log
+/// line are made from (addresses, shared workloads, flags) and renders both when needed: the
+/// labels when the connection is counted as opened (and again for a close with response
+/// flags), the log line at close. `connection_trace_stays_small` guards its size.
 pub struct ConnTrace {
     telemetry: Telemetry,
     started: Instant,
-    pub entry: ConnectionLogEntry,
-    pub labels: ConnectionLabels,
+    start_time: SystemTime,
+    src: SocketAddr,
+    dst: SocketAddr,
+    dst_hbone: Option<SocketAddr>,
+    source: Peer,
+    destination: Peer,
+    /// Boxed: most connections have none, and the box is smaller than the reference inline.
+    service: Option<Box<ServiceRef>>,
+    /// The identity the destination proved over mTLS, when it replaces the one the
+    /// destination's labels give (set just before [`ConnTrace::finish`]).
+    verified_destination: Option<String>,
     counters: Option<ConnectionMetrics>,
+    direction: Direction,
+    security: SecurityPolicy,
 }
 
 impl ConnTrace {
@@ -213,64 +273,71 @@ impl ConnTrace {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
-        let start = SystemTime::now();
-        let reporter = match direction {
-            Direction::Outbound => Reporter::Source,
-            Direction::Inbound => Reporter::Destination,
-        };
-        let mut labels = ConnectionLabels::default();
-        labels.traffic.reporter = reporter;
         ConnTrace {
             telemetry: telemetry.clone(),
             started: Instant::now(),
-            entry: ConnectionLogEntry {
-                start_time: start,
-                direction,
-                src_addr: src,
-                dst_addr: dst,
-                dst_hbone_addr: None,
-                dst_service: None,
-                src_identity: None,
-                dst_identity: None,
-                bytes_sent: 0,
-                bytes_received: 0,
-                duration_ms: 0,
-                outcome: ConnectionOutcome::Success,
-                response_flags: ResponseFlags::empty(),
-                error: None,
-            },
-            labels,
+            start_time: SystemTime::now(),
+            src,
+            dst,
+            dst_hbone: None,
+            source: Peer::Unknown,
+            destination: Peer::Unknown,
+            service: None,
+            verified_destination: None,
             counters: None,
+            direction,
+            security: SecurityPolicy::default(),
         }
     }
 
-    pub fn set_source(&mut self, labels: WorkloadLabels) {
-        if !labels.principal.is_empty() {
-            self.entry.src_identity = Some(labels.principal.clone());
-        }
-        self.labels.traffic.source = labels;
+    pub fn set_source(&mut self, source: Peer) {
+        self.source = source;
     }
 
-    pub fn set_destination(&mut self, labels: WorkloadLabels) {
-        if !labels.principal.is_empty() {
-            self.entry.dst_identity = Some(labels.principal.clone());
-        }
-        self.labels.traffic.destination = labels;
+    pub fn set_destination(&mut self, destination: Peer) {
+        self.destination = destination;
     }
 
-    pub fn set_service(&mut self, service: &ServiceRef) {
-        self.entry.dst_service = Some(service.hostname.clone());
-        self.labels.traffic.destination_service = service_labels(service);
+    pub fn set_service(&mut self, service: ServiceRef) {
+        self.service = Some(Box::new(service));
     }
 
     pub fn set_security(&mut self, policy: SecurityPolicy) {
-        self.labels.traffic.connection_security_policy = policy;
+        self.security = policy;
+    }
+
+    /// The HBONE address (`ip:15008`) the connection was carried to or came in on.
+    pub fn set_hbone_addr(&mut self, addr: SocketAddr) {
+        self.dst_hbone = Some(addr);
+    }
+
+    /// The identity the destination proved (the HBONE peer's certificate): logged as
+    /// `dst_identity` instead of the destination's principal. Call it when the connection
+    /// ends, so an idle connection does not hold the string.
+    pub fn set_verified_destination(&mut self, identity: String) {
+        self.verified_destination = Some(identity);
+    }
+
+    /// The metric labels of this connection.
+    fn labels(&self) -> ConnectionLabels {
+        let mut labels = ConnectionLabels::default();
+        labels.traffic.reporter = match self.direction {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        };
+        labels.traffic.source = self.source.labels();
+        labels.traffic.destination = self.destination.labels();
+        if let Some(service) = &self.service {
+            labels.traffic.destination_service = service_labels(service);
+        }
+        labels.traffic.connection_security_policy = self.security;
+        labels
     }
 
     /// Counts the connection as opened (once its labels are known).
     pub fn opened(&mut self) {
         if self.counters.is_none() {
-            let counters = self.telemetry.metrics.connection(&self.labels);
+            let counters = self.telemetry.metrics.connection(&self.labels());
             counters.opened();
             self.counters = Some(counters);
         }
@@ -292,20 +359,32 @@ impl ConnTrace {
             match flag {
                 None => counters.closed(),
                 Some(flag) => {
-                    let mut labels = self.labels.clone();
+                    let mut labels = self.labels();
                     labels.response_flags = ResponseFlags::single(flag);
                     self.telemetry.metrics.tcp_closed(&labels);
                 }
             }
         }
-        self.entry.bytes_sent = sent;
-        self.entry.bytes_received = received;
-        self.entry.duration_ms =
-            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.entry.outcome = outcome;
-        self.entry.response_flags = flag.map(ResponseFlags::single).unwrap_or_default();
-        self.entry.error = error;
-        let e = &self.entry;
+        let entry = ConnectionLogEntry {
+            start_time: self.start_time,
+            direction: self.direction,
+            src_addr: self.src,
+            dst_addr: self.dst,
+            dst_hbone_addr: self.dst_hbone.map(|addr| addr.to_string()),
+            dst_service: self.service.as_ref().map(|s| s.hostname.clone()),
+            src_identity: self.source.principal(),
+            dst_identity: self
+                .verified_destination
+                .take()
+                .or_else(|| self.destination.principal()),
+            bytes_sent: sent,
+            bytes_received: received,
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            outcome,
+            response_flags: flag.map(ResponseFlags::single).unwrap_or_default(),
+            error,
+        };
+        let e = &entry;
         match outcome {
             ConnectionOutcome::Success => info!(
                 direction = ?e.direction, src = %e.src_addr, dst = %e.dst_addr,
@@ -316,7 +395,7 @@ impl ConnTrace {
                 error = e.error.as_deref().unwrap_or(""), "connection failed"
             ),
         }
-        self.telemetry.log.log(&self.entry);
+        self.telemetry.log.log(&entry);
     }
 }
 
@@ -564,8 +643,16 @@ status: {podIP: 10.0.0.5}
         }
     }
 
-    #[tokio::test]
-    async fn finish_counts_and_logs_one_line() {
+    /// Every open connection holds its trace (inline, in its task): it keeps the inputs of its
+    /// labels and log line, not the rendered strings (it was 770 bytes plus ~20 strings).
+    #[test]
+    fn connection_trace_stays_small() {
+        let size = std::mem::size_of::<ConnTrace>();
+        assert!(size <= 288, "ConnTrace: {size} bytes");
+    }
+
+    /// Telemetry whose connection log lines can be read back.
+    fn capture() -> (Telemetry, Arc<Metrics>, std::sync::mpsc::Receiver<Vec<u8>>) {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         struct Sink(std::sync::mpsc::Sender<Vec<u8>>);
@@ -579,7 +666,91 @@ status: {podIP: 10.0.0.5}
             }
         }
         let log = AccessLogger::to_writer(Sink(tx)).expect("logger");
-        let tel = Telemetry::new(metrics.clone(), log);
+        (Telemetry::new(metrics.clone(), log), metrics, rx)
+    }
+
+    #[tokio::test]
+    async fn finish_renders_tunnel_fields_and_flagged_closes() {
+        let (tel, metrics, rx) = capture();
+        let snap = mesh();
+        let w = snap
+            .workload_by_ip("10.0.0.5".parse().expect("ip"))
+            .expect("pod");
+        let mut trace = ConnTrace::new(
+            &tel,
+            Direction::Outbound,
+            "10.0.0.5:40000".parse().expect("addr"),
+            "240.240.0.1:443".parse().expect("addr"),
+        );
+        trace.set_source(Peer::Workload(w.clone()));
+        trace.set_service(ServiceRef {
+            hostname: "api.example.com".into(),
+            name: mesh_config::NamespacedName {
+                namespace: "egress".into(),
+                name: "api".into(),
+            },
+            kind: mesh_config::snapshot::ServiceKind::ServiceEntry,
+        });
+        trace.set_hbone_addr("10.0.0.20:15008".parse().expect("addr"));
+        trace.set_destination(Peer::Principal(
+            "spiffe://cluster.local/ns/egress/sa/expected".into(),
+        ));
+        trace.set_security(SecurityPolicy::MutualTls);
+        trace.opened();
+        // The identity the peer proved replaces the expected one in the log.
+        trace.set_verified_destination("spiffe://cluster.local/ns/egress/sa/waypoint".into());
+        trace.finish(
+            7,
+            0,
+            ConnectionOutcome::Failed,
+            Some(ResponseFlag::UpstreamConnectionTermination),
+            Some("cut".into()),
+        );
+        tel.flush().await;
+        let line: Vec<u8> = rx.try_iter().flatten().collect();
+        let json: serde_json::Value = serde_json::from_slice(&line).expect("one JSON line");
+        assert_eq!(json["dst_hbone_addr"], "10.0.0.20:15008");
+        assert_eq!(json["dst_service"], "api.example.com");
+        assert_eq!(
+            json["dst_identity"],
+            "spiffe://cluster.local/ns/egress/sa/waypoint"
+        );
+        assert_eq!(
+            json["src_identity"],
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(json["error"], "cut");
+        let text = metrics.encode_text().expect("encode");
+        // Opened with the labels of connect time; closed with the same labels plus the flag.
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .expect("opened");
+        let closed = text
+            .lines()
+            .find(|l| {
+                l.starts_with("istio_tcp_connections_closed_total{")
+                    && l.contains("response_flags=\"UC\"")
+            })
+            .expect("a close counted with the flag");
+        for needle in [
+            "destination_service=\"api.example.com\"",
+            "destination_service_name=\"api\"",
+            "destination_service_namespace=\"egress\"",
+            "destination_principal=\"spiffe://cluster.local/ns/egress/sa/expected\"",
+            "destination_workload_namespace=\"egress\"",
+            "source_workload=\"web-0\"",
+        ] {
+            assert!(opened.contains(needle), "missing {needle} in {opened}");
+            assert!(closed.contains(needle), "missing {needle} in {closed}");
+        }
+        assert!(closed.ends_with(" 1"), "{closed}");
+        assert!(opened.contains("response_flags=\"-\""), "{opened}");
+    }
+
+    #[tokio::test]
+    async fn finish_counts_and_logs_one_line() {
+        let (tel, metrics, rx) = capture();
         let snap = mesh();
         let w = snap
             .workload_by_ip("10.0.0.5".parse().expect("ip"))
@@ -590,7 +761,7 @@ status: {podIP: 10.0.0.5}
             "10.0.0.5:40000".parse().expect("addr"),
             "10.0.0.9:80".parse().expect("addr"),
         );
-        trace.set_source(workload_labels(w));
+        trace.set_source(Peer::Workload(w.clone()));
         trace.set_security(SecurityPolicy::MutualTls);
         trace.finish(100, 2000, ConnectionOutcome::Success, None, None);
         tel.flush().await;

@@ -26,7 +26,7 @@ use crate::headers::{
     BAGGAGE, Baggage, FORWARDED, Forwarded, HeaderError, TRACEPARENT, TraceParent,
 };
 use crate::keepalive::keepalive;
-use crate::tunnel::{Tunnel, TunnelInfo};
+use crate::tunnel::{ConnInfo, Tunnel, TunnelInfo};
 
 /// Creates the TCP sockets HBONE connections run on.
 ///
@@ -349,12 +349,7 @@ impl Client {
                         });
                     }
                     inner.pool.streams_opened.fetch_add(1, Ordering::Relaxed);
-                    let info = TunnelInfo {
-                        peer_identity: handle.peer_identity.clone(),
-                        headers: parts.headers,
-                        local_addr: handle.local_addr,
-                        peer_addr: handle.peer_addr,
-                    };
+                    let info = TunnelInfo::new(handle.info.clone(), parts.headers);
                     return Ok(Tunnel::new(send_stream, recv, info, Some(Arc::new(slot))));
                 }
                 Err(Failure {
@@ -445,9 +440,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Clone)]
 struct ConnHandle {
     send: SendRequest<Bytes>,
-    peer_identity: SpiffeId,
-    local_addr: SocketAddr,
-    peer_addr: SocketAddr,
+    /// Shared by the connection's tunnels.
+    info: Arc<ConnInfo>,
 }
 
 type Ready = Shared<BoxFuture<'static, Result<ConnHandle, Error>>>;
@@ -633,9 +627,11 @@ async fn establish(
             .map_err(|e| Error::h2(addr, e))?;
         let handle = ConnHandle {
             send,
-            peer_identity,
-            local_addr,
-            peer_addr: addr,
+            info: Arc::new(ConnInfo {
+                peer_identity,
+                local_addr,
+                peer_addr: addr,
+            }),
         };
         Ok((handle, conn))
     };
@@ -654,7 +650,7 @@ async fn establish(
             if let Some(pool) = pool.upgrade() {
                 pool.connections_opened.fetch_add(1, Ordering::Relaxed);
             }
-            debug!(parent: &span, peer = %handle.peer_identity, local = %handle.local_addr, "HBONE connection established");
+            debug!(parent: &span, peer = %handle.info.peer_identity, local = %handle.info.local_addr, "HBONE connection established");
             tokio::spawn(drive(conn, state, pool, key, id, config).instrument(span));
             Ok(handle)
         }

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{Forwarded, parse_authority};
 use crate::keepalive::keepalive;
-use crate::tunnel::{Tunnel, TunnelInfo};
+use crate::tunnel::{ConnInfo, Tunnel, TunnelInfo};
 
 /// Decides what to do with each CONNECT. Called on its own task per stream; it must answer
 /// with [`IncomingConnect::accept`] or [`IncomingConnect::reject`] (dropping it unanswered
@@ -60,6 +60,8 @@ pub struct ConnectMeta {
 /// A CONNECT awaiting the handler's answer.
 pub struct IncomingConnect {
     meta: ConnectMeta,
+    /// The connection, shared by its tunnels (`meta` has a copy of it for the handler).
+    conn: Arc<ConnInfo>,
     respond: Option<SendResponse<Bytes>>,
     recv: Option<RecvStream>,
 }
@@ -75,6 +77,10 @@ impl IncomingConnect {
     }
 
     /// Answers 200 with `headers` (e.g. `baggage`) and returns the stream.
+    ///
+    /// The tunnel keeps none of the request's headers ([`Tunnel::headers`] is empty on the
+    /// server): they are in [`IncomingConnect::meta`] until the CONNECT is answered, and a
+    /// tunnel can stay open, idle, for hours.
     pub fn accept_with_headers(mut self, headers: HeaderMap) -> Result<Tunnel, Error> {
         let remote = self.meta.remote_addr;
         let (Some(mut respond), Some(recv)) = (self.respond.take(), self.recv.take()) else {
@@ -89,12 +95,7 @@ impl IncomingConnect {
         let send = respond
             .send_response(response, false)
             .map_err(|e| Error::h2(remote, e))?;
-        let info = TunnelInfo {
-            peer_identity: self.meta.peer_identity.clone(),
-            headers: self.meta.headers.clone(),
-            local_addr: self.meta.local_addr,
-            peer_addr: remote,
-        };
+        let info = TunnelInfo::new(self.conn.clone(), HeaderMap::new());
         Ok(Tunnel::new(send, recv, info, None))
     }
 
@@ -308,6 +309,12 @@ impl Server {
             }
         };
         debug!(%peer, "HBONE connection accepted");
+        // One copy per connection, shared by its tunnels (each used to hold its own).
+        let conn_info = Arc::new(ConnInfo {
+            peer_identity: peer,
+            local_addr: local,
+            peer_addr: remote,
+        });
 
         let keepalive = keepalive(conn.ping_pong(), config.ping_interval, config.ping_timeout);
         let mut keepalive = std::pin::pin!(keepalive);
@@ -330,18 +337,26 @@ impl Server {
                     None => break,
                     Some(Ok((request, respond))) => {
                         let stream = StreamContext {
-                            peer: peer.clone(),
-                            local,
-                            remote,
+                            conn: conn_info.clone(),
                         };
                         let span = tracing::debug_span!("connect", stream = u32::from(respond.stream_id()));
                         // Only the handler's future outlives the request's parsing: this task
                         // lives as long as the tunnel, and ten thousand idle tunnels add up.
-                        // (Boxed until the handler takes it, so the task does not hold it twice.)
+                        // Boxed until the handler takes it, so the task does not hold it
+                        // twice; the box is freed as it is emptied (inner block), not when
+                        // the task ends, which would pin its allocation for the tunnel's life.
                         if let Some(connect) = stream.connect(request, respond).map(Box::new) {
                             let handler = handler.clone();
                             tokio::spawn(
-                                async move { handler.handle(*connect).await }.instrument(span),
+                                async move {
+                                    handler
+                                        .handle({
+                                            let boxed = connect;
+                                            *boxed
+                                        })
+                                        .await
+                                }
+                                .instrument(span),
                             );
                         }
                     }
@@ -358,9 +373,7 @@ impl Server {
 }
 
 struct StreamContext {
-    peer: SpiffeId,
-    local: SocketAddr,
-    remote: SocketAddr,
+    conn: Arc<ConnInfo>,
 }
 
 impl StreamContext {
@@ -399,13 +412,14 @@ impl StreamContext {
         };
         Some(IncomingConnect {
             meta: ConnectMeta {
-                peer_identity: self.peer,
+                peer_identity: self.conn.peer_identity.clone(),
                 authority,
                 headers: parts.headers,
                 forwarded,
-                local_addr: self.local,
-                remote_addr: self.remote,
+                local_addr: self.conn.local_addr,
+                remote_addr: self.conn.peer_addr,
             },
+            conn: self.conn,
             respond: Some(respond),
             recv: Some(recv),
         })

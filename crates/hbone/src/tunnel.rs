@@ -37,13 +37,36 @@ pub struct Tunnel {
     info: TunnelInfo,
 }
 
-/// What is known about the peer of a tunnel.
-#[derive(Clone, Debug)]
-pub(crate) struct TunnelInfo {
+/// The HBONE connection a tunnel is carried on; one per connection, shared by its tunnels.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
     pub(crate) peer_identity: certs::SpiffeId,
-    pub(crate) headers: HeaderMap,
     pub(crate) local_addr: SocketAddr,
     pub(crate) peer_addr: SocketAddr,
+}
+
+/// What is known about the peer of a tunnel. Small on purpose: every open tunnel holds one,
+/// and idle tunnels are counted in the ten thousands.
+#[derive(Clone, Debug)]
+pub(crate) struct TunnelInfo {
+    conn: Arc<ConnInfo>,
+    /// `None` when there are none, the usual case (an empty map is 96 bytes inline).
+    headers: Option<Box<HeaderMap>>,
+}
+
+impl TunnelInfo {
+    pub(crate) fn new(conn: Arc<ConnInfo>, headers: HeaderMap) -> Self {
+        TunnelInfo {
+            conn,
+            headers: (!headers.is_empty()).then(|| Box::new(headers)),
+        }
+    }
+}
+
+/// What [`Tunnel::headers`] returns for a tunnel without headers.
+fn no_headers() -> &'static HeaderMap {
+    static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(HeaderMap::new)
 }
 
 impl Tunnel {
@@ -72,23 +95,28 @@ impl Tunnel {
     /// The verified SPIFFE identity of the peer: the server's on the client side, the client's
     /// on the server side.
     pub fn peer_identity(&self) -> &certs::SpiffeId {
-        &self.info.peer_identity
+        &self.info.conn.peer_identity
     }
 
-    /// Headers of the message that opened the tunnel from the peer's side: the 200 response on
-    /// the client (it may carry `baggage`), the CONNECT request on the server.
+    /// Headers of the 200 response that opened the tunnel, on the client (it may carry
+    /// `baggage`). Empty on the server: the CONNECT's headers are in
+    /// [`crate::ConnectMeta::headers`] until it is answered, and are not kept for the tunnel's
+    /// life.
     pub fn headers(&self) -> &HeaderMap {
-        &self.info.headers
+        match &self.info.headers {
+            Some(headers) => headers,
+            None => no_headers(),
+        }
     }
 
     /// Our end of the TCP connection carrying the tunnel.
     pub fn local_addr(&self) -> SocketAddr {
-        self.info.local_addr
+        self.info.conn.local_addr
     }
 
     /// The HBONE peer's end of the TCP connection carrying the tunnel.
     pub fn peer_addr(&self) -> SocketAddr {
-        self.info.peer_addr
+        self.info.conn.peer_addr
     }
 
     /// Splits into independently usable halves, without a lock (HTTP/2 send and receive sides
@@ -105,9 +133,9 @@ impl Tunnel {
 impl fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tunnel")
-            .field("peer_identity", &self.info.peer_identity)
-            .field("local_addr", &self.info.local_addr)
-            .field("peer_addr", &self.info.peer_addr)
+            .field("peer_identity", &self.info.conn.peer_identity)
+            .field("local_addr", &self.info.conn.local_addr)
+            .field("peer_addr", &self.info.conn.peer_addr)
             .field("stream_id", &self.writer.send.stream_id())
             .finish()
     }

@@ -70,7 +70,7 @@ pub(crate) async fn refuse(stream: TcpStream, dst: SocketAddr, counts: &ByteCoun
     }
     let served = Arc::new(AtomicBool::new(false));
     let io = Gate {
-        inner: Counted::new(stream, counts.sent.clone(), counts.received.clone()),
+        inner: Counted::client(stream, counts),
         open: served.clone(),
     };
     let body = Bytes::from(format!(
