@@ -669,20 +669,26 @@ status: {podIP: 10.0.0.5}
         (Telemetry::new(metrics.clone(), log), metrics, rx)
     }
 
-    #[tokio::test]
-    async fn finish_renders_tunnel_fields_and_flagged_closes() {
-        let (tel, metrics, rx) = capture();
+    /// An outbound connection from the test pod (10.0.0.5) to `dst`, its source set.
+    fn pod_trace(tel: &Telemetry, dst: &str) -> ConnTrace {
         let snap = mesh();
         let w = snap
             .workload_by_ip("10.0.0.5".parse().expect("ip"))
             .expect("pod");
         let mut trace = ConnTrace::new(
-            &tel,
+            tel,
             Direction::Outbound,
             "10.0.0.5:40000".parse().expect("addr"),
-            "240.240.0.1:443".parse().expect("addr"),
+            dst.parse().expect("addr"),
         );
         trace.set_source(Peer::Workload(w.clone()));
+        trace
+    }
+
+    #[tokio::test]
+    async fn finish_renders_tunnel_fields_and_flagged_closes() {
+        let (tel, metrics, rx) = capture();
+        let mut trace = pod_trace(&tel, "240.240.0.1:443");
         trace.set_service(ServiceRef {
             hostname: "api.example.com".into(),
             name: mesh_config::NamespacedName {
@@ -751,17 +757,7 @@ status: {podIP: 10.0.0.5}
     #[tokio::test]
     async fn finish_counts_and_logs_one_line() {
         let (tel, metrics, rx) = capture();
-        let snap = mesh();
-        let w = snap
-            .workload_by_ip("10.0.0.5".parse().expect("ip"))
-            .expect("pod");
-        let mut trace = ConnTrace::new(
-            &tel,
-            Direction::Outbound,
-            "10.0.0.5:40000".parse().expect("addr"),
-            "10.0.0.9:80".parse().expect("addr"),
-        );
-        trace.set_source(Peer::Workload(w.clone()));
+        let mut trace = pod_trace(&tel, "10.0.0.9:80");
         trace.set_security(SecurityPolicy::MutualTls);
         trace.finish(100, 2000, ConnectionOutcome::Success, None, None);
         tel.flush().await;
