@@ -218,19 +218,13 @@ pub async fn serve(
     };
     e.upstream_host = Some(addr);
     // A client that speaks TLS itself (TLS / HTTPS ports) is never wrapped a second time.
-    let tcp = if tls && cluster.tls.is_some() {
+    if tls && cluster.tls.is_some() {
         debug!("DestinationRule tls on a TLS port: the client's TLS is forwarded as is");
-        proxy
-            .upstream
-            .connect_tcp(addr, cluster.limits.connect_timeout)
-            .await
-            .map(upstream::pool::Stream::Plain)
-    } else {
-        if let Some(spec) = &cluster.tls {
-            debug!(sni = %spec.sni, "originating TLS for a TCP flow");
-        }
-        proxy.upstream.connect_l4(&cluster, addr).await
-    };
+    } else if let Some(spec) = &cluster.tls {
+        debug!(sni = %spec.sni, "originating TLS for a TCP flow");
+    }
+    // Mesh endpoints are reached over HBONE either way.
+    let tcp = proxy.upstream.connect_l4(&snap, &cluster, addr, !tls).await;
     let observation = match &tcp {
         Ok(_) => Observation::LocalOriginSuccess,
         Err(_) => Observation::LocalOriginFailure,

@@ -13,8 +13,9 @@
 //!   rewrites, redirects, header operations, faults, timeouts, retries, mirroring) and answers
 //!   with `server: envoy` and `x-envoy-upstream-service-time`, as Envoy-based waypoints do.
 //! * [`upstream`]: DNS (hickory, TTL-honouring cache, round-robin), STATIC endpoints, per-endpoint
-//!   keep-alive connection pools (HTTP/1.1 and HTTP/2) with DestinationRule limits, and TLS
-//!   origination (SIMPLE / MUTUAL, SNI, SAN checks) from DestinationRule `tls`.
+//!   keep-alive connection pools (HTTP/1.1 and HTTP/2) with DestinationRule limits, TLS
+//!   origination (SIMPLE / MUTUAL, SNI, SAN checks) from DestinationRule `tls`, and HBONE
+//!   tunnels to endpoints that are mesh workloads (or under ISTIO_MUTUAL), never plaintext.
 //! * [`l4`]: TCP/TLS forwarding with L4 authorization and SNI from the ClientHello.
 //! * [`observe`]: Istio-shaped access-log entries and metric labels.
 //!

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::options::Options;
-use crate::upstream::{DnsError, Upstream};
+use crate::upstream::{DnsError, MeshClient, Upstream};
 
 /// Why the waypoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -114,11 +114,13 @@ pub fn waypoint_identity(
 }
 
 impl Proxy {
-    /// Builds the shared state (inside a tokio runtime).
+    /// Builds the shared state (inside a tokio runtime). `mesh` opens HBONE tunnels to mesh
+    /// endpoints (see [`crate::upstream::mesh`]).
     pub fn new(
         opts: &Options,
         store: ConfigStore,
         identity: SpiffeId,
+        mesh: Option<MeshClient>,
         metrics: Arc<Metrics>,
         access_log: AccessLogger,
     ) -> Result<Self, RunError> {
@@ -126,7 +128,7 @@ impl Proxy {
             store,
             gateway: opts.gateway.clone(),
             identity,
-            upstream: Upstream::new(opts.dns_server)?,
+            upstream: Upstream::new(opts.dns_server, mesh)?,
             metrics,
             access_log,
             server_header: opts
@@ -210,10 +212,18 @@ pub async fn run(
     }
     metrics.config_loaded(store.generation());
     let access_log = AccessLogger::stdout().map_err(RunError::AccessLog)?;
+    // Upstream tunnels to mesh workloads present the same workload certificate as the server.
+    let mesh = MeshClient::new(
+        identities.clone(),
+        identity.clone(),
+        &opts.gateway,
+        hbone::Config::default(),
+    );
     let proxy = Arc::new(Proxy::new(
         &opts,
         store.clone(),
         identity.clone(),
+        Some(mesh),
         metrics.clone(),
         access_log.clone(),
     )?);

@@ -840,7 +840,7 @@ pub async fn try_once(
         .await
         .map_err(|e| (Failure::Upstream(e), false))?;
     info.host = Some(addr);
-    let lease = match proxy.upstream.checkout(cluster, addr).await {
+    let lease = match proxy.upstream.checkout(snap, cluster, addr).await {
         Ok(lease) => lease,
         Err(e) => {
             if e.is_connect_failure() {

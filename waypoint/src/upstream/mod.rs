@@ -1,7 +1,9 @@
 //! Upstream side: clusters (what a destination host/port/subset means in the snapshot),
-//! endpoint selection (DNS or STATIC, round-robin), connection pools and TLS origination.
+//! endpoint selection (DNS or STATIC, round-robin), connection pools, TLS origination, and
+//! HBONE to endpoints that are workloads of the mesh ([`mesh`]).
 
 pub mod endpoints;
+pub mod mesh;
 pub mod outlier;
 pub mod pool;
 pub mod resolver;
@@ -18,6 +20,7 @@ use mesh_config::{NamespacedName, Protocol, Service, ServicePort, Snapshot};
 use telemetry::ResponseFlag;
 
 pub use endpoints::{EndpointSpec, endpoints_for};
+pub use mesh::{HboneTarget, MeshClient, MeshError};
 pub use pool::{HttpVersion, Lease, PoolKey, PoolLimits, PooledBody, Pools};
 pub use resolver::{DnsError, DnsResolver};
 pub use tls::{TlsError, TlsSpec};
@@ -40,6 +43,19 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// The HBONE tunnel to a mesh endpoint failed (connect, mTLS, identity, CONNECT refused).
+    #[error("HBONE to {addr} via {peer}: {error}")]
+    Hbone {
+        addr: SocketAddr,
+        peer: SocketAddr,
+        error: hbone::Error,
+    },
+    /// A mesh endpoint that cannot be tunnelled to (no identity to expect).
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// A mesh endpoint, but this waypoint has no HBONE client (only in tests and tools).
+    #[error("{addr} is a mesh endpoint and no HBONE client is configured")]
+    NoMeshClient { addr: SocketAddr },
 }
 
 impl UpstreamError {
@@ -68,6 +84,11 @@ impl UpstreamError {
                     .map_or_else(|| source.to_string(), |c| c.to_string())
             )),
             UpstreamError::ConnectTimeout { .. } => Some("connect timeout".into()),
+            UpstreamError::Hbone { error, peer, .. } => Some(hbone_failure_reason(error, *peer)),
+            UpstreamError::Mesh(e) => Some(format!("HBONE_error:|{e}")),
+            UpstreamError::NoMeshClient { .. } => {
+                Some("HBONE_error:|no HBONE client for a mesh endpoint".into())
+            }
             _ => None,
         }
     }
@@ -80,7 +101,10 @@ impl UpstreamError {
             | UpstreamError::ConnectTimeout { addr, .. }
             | UpstreamError::Tls { addr, .. }
             | UpstreamError::Overflow { addr }
-            | UpstreamError::Handshake { addr, .. } => Some(*addr),
+            | UpstreamError::Handshake { addr, .. }
+            | UpstreamError::Hbone { addr, .. }
+            | UpstreamError::NoMeshClient { addr }
+            | UpstreamError::Mesh(MeshError::NoIdentity { addr }) => Some(*addr),
         }
     }
 
@@ -103,6 +127,28 @@ impl UpstreamError {
     }
 }
 
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` for a failed tunnel: TLS failures in Envoy's
+/// `TLS_error:|…:TLS_error_end` shape (a wrong peer identity is `CERTIFICATE_VERIFY_FAILED`),
+/// the rest prefixed `HBONE_error:|` and naming the pod's ztunnel.
+fn hbone_failure_reason(error: &hbone::Error, peer: SocketAddr) -> String {
+    match error {
+        hbone::Error::Tls { source, .. } => tls::failure_reason(source),
+        hbone::Error::Connect { source, .. } => format!(
+            "HBONE_error:|delayed connect error to {peer}: {}",
+            source
+                .raw_os_error()
+                .map_or_else(|| source.to_string(), |c| c.to_string())
+        ),
+        hbone::Error::Status {
+            status, authority, ..
+        } => format!(
+            "HBONE_error:|CONNECT {authority} via {peer} answered {}",
+            status.as_u16()
+        ),
+        other => format!("HBONE_error:|{other}"),
+    }
+}
+
 /// Where traffic for one (service, port, subset) goes and how.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -121,6 +167,9 @@ pub struct Cluster {
     pub limits: PoolLimits,
     /// DestinationRule `outlierDetection`.
     pub outlier: Option<mesh_config::policy::OutlierDetection>,
+    /// DestinationRule `tls.mode: ISTIO_MUTUAL`: every endpoint is reached over HBONE, mesh
+    /// workload or not ([`mesh::hbone_target`]).
+    pub istio_mutual: bool,
 }
 
 /// Istio's cluster name. Services bound to this waypoint are its `inbound-vip` clusters (with
@@ -214,6 +263,9 @@ pub fn build_cluster(
             .map(Arc::new),
         limits: PoolLimits::from_settings(traffic.connection_pool, version),
         outlier: traffic.outlier_detection.cloned(),
+        istio_mutual: traffic
+            .tls
+            .is_some_and(|t| t.mode == mesh_config::TlsMode::IstioMutual),
         host,
         service: service.clone(),
         port: sp.clone(),
@@ -312,11 +364,12 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Must be called inside a tokio runtime.
-    pub fn new(dns_server: Option<SocketAddr>) -> Result<Self, DnsError> {
+    /// Must be called inside a tokio runtime. `mesh` opens the tunnels to mesh endpoints;
+    /// without it they fail with `UF` (never plaintext).
+    pub fn new(dns_server: Option<SocketAddr>, mesh: Option<MeshClient>) -> Result<Self, DnsError> {
         Ok(Upstream {
             resolver: DnsResolver::new(dns_server)?,
-            pools: Pools::new(),
+            pools: Pools::with_mesh(mesh),
             clusters: ClusterCache::default(),
             next: Mutex::new(HashMap::new()),
             outliers: Mutex::new(HashMap::new()),
@@ -417,30 +470,55 @@ impl Upstream {
         }
     }
 
-    /// A connection to `addr` for `cluster`'s HTTP.
+    /// A connection to `addr` for `cluster`'s HTTP: over HBONE when `addr` is a mesh endpoint
+    /// ([`mesh::hbone_target`]), else TCP (with TLS when the cluster originates it).
     pub async fn checkout(
         &self,
+        snap: &Snapshot,
         cluster: &Cluster,
         addr: SocketAddr,
     ) -> Result<Lease, UpstreamError> {
         let key = PoolKey {
             addr,
             tls: cluster.tls.clone(),
+            hbone: mesh::hbone_target(snap, cluster, addr)?.map(Arc::new),
             version: cluster.version,
             limits: cluster.limits,
         };
         self.pools.checkout(&key).await
     }
 
-    /// An L4 connection for `cluster`: TCP, wrapped in TLS when the cluster originates it
-    /// (DestinationRule `tls` on a TCP port).
+    /// An L4 connection for `cluster`: an HBONE tunnel to a mesh endpoint, else TCP; wrapped in
+    /// TLS when the cluster originates it (DestinationRule `tls` on a TCP port) and `wrap_tls`
+    /// (false when the client speaks TLS itself).
     pub async fn connect_l4(
         &self,
+        snap: &Snapshot,
         cluster: &Cluster,
         addr: SocketAddr,
+        wrap_tls: bool,
     ) -> Result<pool::Stream, UpstreamError> {
         let timeout = cluster.limits.connect_timeout;
-        let Some(spec) = &cluster.tls else {
+        let spec = cluster.tls.as_ref().filter(|_| wrap_tls);
+        if let Some(target) = mesh::hbone_target(snap, cluster, addr)? {
+            let tunnel = self.pools.open_tunnel(&target, addr, timeout).await?;
+            let Some(spec) = spec else {
+                return Ok(pool::Stream::Hbone(Box::new(tunnel)));
+            };
+            let config = self
+                .pools
+                .tls()
+                .config(spec)
+                .map_err(|error| UpstreamError::Tls { addr, error })?;
+            return match tokio::time::timeout(timeout, tls::handshake(config, &spec.sni, tunnel))
+                .await
+            {
+                Ok(Ok(stream)) => Ok(pool::Stream::HboneTls(Box::new(stream))),
+                Ok(Err(error)) => Err(UpstreamError::Tls { addr, error }),
+                Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
+            };
+        }
+        let Some(spec) = spec else {
             return Ok(pool::Stream::Plain(pool::connect_tcp(addr, timeout).await?));
         };
         let config = self

@@ -10,6 +10,10 @@
 //!   overflow (Envoy's `UO`).
 //! * Idle connections older than the idle timeout are closed by a sweeper; unused pools are
 //!   removed.
+//! * Mesh endpoints ([`PoolKey::hbone`]): each connection is an HBONE tunnel instead of a TCP
+//!   connection (HTTP/1.1: one tunnel per keep-alive connection; HTTP/2: one tunnel carrying the
+//!   multiplexed connection); the tunnels share the HBONE client's own pooled HTTP/2
+//!   connections to the pod's ztunnel.
 
 use std::collections::HashMap;
 use std::io;
@@ -34,6 +38,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use super::UpstreamError;
+use super::mesh::{HboneTarget, MeshClient};
 use super::tls::{self, TlsCache, TlsSpec};
 use crate::http::body::{BoxError, ProxyBody};
 
@@ -103,14 +108,43 @@ impl PoolLimits {
 pub struct PoolKey {
     pub addr: SocketAddr,
     pub tls: Option<Arc<TlsSpec>>,
+    /// Set for mesh endpoints: connections are HBONE tunnels to this target.
+    pub hbone: Option<Arc<HboneTarget>>,
     pub version: HttpVersion,
     pub limits: PoolLimits,
 }
 
-/// TCP or TLS-over-TCP.
+/// TCP, TLS-over-TCP, an HBONE tunnel (mesh endpoints) or TLS inside one (a DestinationRule
+/// SIMPLE / MUTUAL towards a mesh endpoint).
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Hbone(Box<hbone::Tunnel>),
+    HboneTls(Box<TlsStream<hbone::Tunnel>>),
+}
+
+/// Runs `$e` on whichever stream `$s` holds, bound as `$io` (pinned).
+macro_rules! each {
+    ($s:expr, $io:ident => $e:expr) => {
+        match $s {
+            Stream::Plain(s) => {
+                let $io = Pin::new(s);
+                $e
+            }
+            Stream::Tls(s) => {
+                let $io = Pin::new(s.as_mut());
+                $e
+            }
+            Stream::Hbone(s) => {
+                let $io = Pin::new(s.as_mut());
+                $e
+            }
+            Stream::HboneTls(s) => {
+                let $io = Pin::new(s.as_mut());
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for Stream {
@@ -119,10 +153,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), io => io.poll_read(cx, buf))
     }
 }
 
@@ -132,24 +163,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        each!(self.get_mut(), io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        each!(self.get_mut(), io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), io => io.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -157,16 +179,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Hbone(s) => s.is_write_vectored(),
+            Stream::HboneTls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -177,7 +198,7 @@ pub const SOCKET_MARK: u32 = 0x539;
 
 /// Marks `socket` with [`SOCKET_MARK`]. Needs CAP_NET_ADMIN; without it the connection still
 /// works (only capture bypass is lost), so that is said once and not treated as an error.
-fn mark(socket: &TcpSocket) {
+pub(crate) fn mark(socket: &TcpSocket) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if let Err(e) = socket2::SockRef::from(socket).set_mark(SOCKET_MARK)
         && !WARNED.swap(true, Ordering::Relaxed)
@@ -324,6 +345,8 @@ impl EndpointPool {
 pub struct Pools {
     pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>>,
     tls: TlsCache,
+    /// Tunnels to mesh endpoints; without it they fail (never plaintext).
+    mesh: Option<MeshClient>,
 }
 
 impl std::fmt::Debug for Pools {
@@ -344,6 +367,11 @@ impl Default for Pools {
 impl Pools {
     /// Must be called inside a tokio runtime (it starts the sweeper).
     pub fn new() -> Self {
+        Self::with_mesh(None)
+    }
+
+    /// [`Pools::new`] with the client that opens tunnels to mesh endpoints.
+    pub fn with_mesh(mesh: Option<MeshClient>) -> Self {
         let pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::default();
         let weak: Weak<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::downgrade(&pools);
         tokio::spawn(async move {
@@ -361,11 +389,38 @@ impl Pools {
         Pools {
             pools,
             tls: TlsCache::new(),
+            mesh,
         }
     }
 
     pub fn tls(&self) -> &TlsCache {
         &self.tls
+    }
+
+    pub fn mesh(&self) -> Option<&MeshClient> {
+        self.mesh.as_ref()
+    }
+
+    /// A tunnel to a mesh endpoint, within `timeout`. The local address reported is the one of
+    /// the HBONE connection to the pod's ztunnel.
+    pub async fn open_tunnel(
+        &self,
+        target: &HboneTarget,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<hbone::Tunnel, UpstreamError> {
+        let Some(mesh) = &self.mesh else {
+            return Err(UpstreamError::NoMeshClient { addr });
+        };
+        match tokio::time::timeout(timeout, mesh.open(target)).await {
+            Ok(Ok(tunnel)) => Ok(tunnel),
+            Ok(Err(error)) => Err(UpstreamError::Hbone {
+                addr,
+                peer: target.peer,
+                error,
+            }),
+            Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
+        }
     }
 
     /// Number of pools (for tests and the admin page).
@@ -491,6 +546,32 @@ impl Pools {
             )),
             None => None,
         };
+        if let Some(target) = &key.hbone {
+            let tunnel = self
+                .open_tunnel(target, key.addr, key.limits.connect_timeout)
+                .await?;
+            let local = Some(tunnel.local_addr());
+            let stream = match tls {
+                Some((config, spec)) => {
+                    let handshake = tls::handshake(config, &spec.sni, tunnel);
+                    match tokio::time::timeout(key.limits.connect_timeout, handshake).await {
+                        Ok(r) => Stream::HboneTls(Box::new(r.map_err(|e| UpstreamError::Tls {
+                            addr: key.addr,
+                            error: e,
+                        })?)),
+                        Err(_) => {
+                            return Err(UpstreamError::ConnectTimeout {
+                                addr: key.addr,
+                                timeout: key.limits.connect_timeout,
+                            });
+                        }
+                    }
+                }
+                None => Stream::Hbone(Box::new(tunnel)),
+            };
+            debug!(addr = %key.addr, peer = %target.peer, tls = key.tls.is_some(), ?local, "upstream tunnel opened (HBONE)");
+            return Ok((stream, local));
+        }
         let tcp = connect_tcp(key.addr, key.limits.connect_timeout).await?;
         let local = tcp.local_addr().ok();
         let stream = match tls {
@@ -725,6 +806,7 @@ mod tests {
         let key = PoolKey {
             addr,
             tls: None,
+            hbone: None,
             version: HttpVersion::Http1,
             limits: PoolLimits {
                 max_requests: 1,
@@ -767,6 +849,7 @@ mod tests {
         let key = PoolKey {
             addr,
             tls: None,
+            hbone: None,
             version: HttpVersion::Http1,
             limits: PoolLimits::default(),
         };

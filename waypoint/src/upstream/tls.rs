@@ -17,7 +17,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
@@ -47,18 +47,12 @@ pub struct TlsSpec {
 
 impl TlsSpec {
     /// The spec for `tls` towards `host` (the SNI when `tls.sni` is unset), offering `alpn`.
-    /// `None` when the mode originates no TLS (DISABLE; ISTIO_MUTUAL is mesh-internal mTLS,
-    /// which an egress waypoint has no business originating to an external host).
+    /// `None` when the mode originates no TLS here: DISABLE, and ISTIO_MUTUAL, which is the
+    /// mesh's own mTLS — the endpoints are then reached over HBONE ([`super::mesh`]), never in
+    /// plaintext.
     pub fn from_client_tls(tls: &ClientTls, host: &str, alpn: &[&[u8]]) -> Option<TlsSpec> {
         match tls.mode {
-            TlsMode::Disable => None,
-            TlsMode::IstioMutual => {
-                warn!(
-                    host,
-                    "DestinationRule tls mode ISTIO_MUTUAL is not originated by the waypoint; sending plaintext"
-                );
-                None
-            }
+            TlsMode::Disable | TlsMode::IstioMutual => None,
             TlsMode::Simple | TlsMode::Mutual => Some(TlsSpec {
                 sni: tls.sni.clone().unwrap_or_else(|| host.to_owned()),
                 ca_certificates: tls.ca_certificates.clone(),
@@ -221,17 +215,21 @@ fn load_system_roots() -> Result<Arc<RootCertStore>, String> {
     Ok(Arc::new(store))
 }
 
-/// Connects TLS over `tcp` with `config`, sending `sni` (IP literals send no SNI, per RFC 6066).
-pub async fn handshake(
+/// Connects TLS over `io` (a TCP connection, or an HBONE tunnel to a mesh endpoint) with
+/// `config`, sending `sni` (IP literals send no SNI, per RFC 6066).
+pub async fn handshake<IO>(
     config: Arc<ClientConfig>,
     sni: &str,
-    tcp: TcpStream,
-) -> Result<TlsStream<TcpStream>, TlsError> {
+    io: IO,
+) -> Result<TlsStream<IO>, TlsError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     let name = ServerName::try_from(sni.to_owned()).map_err(|e| TlsError::Handshake {
         reason: format!("TLS_error:|invalid server name {sni:?}: {e}:TLS_error_end"),
     })?;
     tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
+        .connect(name, io)
         .await
         .map_err(|e| TlsError::Handshake {
             reason: failure_reason(&e),
@@ -350,7 +348,7 @@ impl ServerCertVerifier for SkipVerify {
 mod tests {
     use super::*;
     use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     struct Pki {
         dir: tempfile::TempDir,
