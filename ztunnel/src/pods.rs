@@ -122,23 +122,9 @@ pub fn plan(
 
 /// The redirect rules for a pod's capture scope.
 ///
-/// `includeOutboundPorts` has no kernel form in the inpod ruleset (it captures a port whatever
-/// the address), so when it is set the rules capture every destination and the outbound
-/// handler applies the exact scope, sending the rest straight out.
+/// The ruleset expresses the whole outbound scope in Istio's order (excluded ports, included
+/// ports, excluded ranges, included ranges), so traffic outside it never reaches ztunnel.
 pub fn capture_config(scope: &CaptureScope, families: &[IpFamily]) -> CaptureConfig {
-    let include_outbound_cidrs = if !scope.include_outbound_ports.is_empty() {
-        CidrSelector::All
-    } else {
-        match &scope.include_outbound_ip_ranges {
-            IpRanges::All => CidrSelector::All,
-            IpRanges::Cidrs(nets) => CidrSelector::Only(nets.clone()),
-        }
-    };
-    let exclude_outbound_cidrs = if scope.include_outbound_ports.is_empty() {
-        scope.exclude_outbound_ip_ranges.clone()
-    } else {
-        Vec::new()
-    };
     CaptureConfig {
         mark: MARK,
         outbound_port: OUTBOUND_PORT,
@@ -147,9 +133,13 @@ pub fn capture_config(scope: &CaptureScope, families: &[IpFamily]) -> CaptureCon
         dns_port: DNS_PORT,
         families: families.to_vec(),
         scope: inpod::CaptureScope {
-            include_outbound_cidrs,
-            exclude_outbound_cidrs,
+            include_outbound_cidrs: match &scope.include_outbound_ip_ranges {
+                IpRanges::All => CidrSelector::All,
+                IpRanges::Cidrs(nets) => CidrSelector::Only(nets.clone()),
+            },
+            exclude_outbound_cidrs: scope.exclude_outbound_ip_ranges.clone(),
             exclude_outbound_ports: scope.exclude_outbound_ports.clone(),
+            include_outbound_ports: scope.include_outbound_ports.clone(),
             include_inbound_ports: match &scope.include_inbound_ports {
                 PortSet::All => PortSelector::All,
                 PortSet::Ports(ports) => PortSelector::Only(ports.clone()),
@@ -796,13 +786,36 @@ status: {{podIP: 10.244.1.20}}
         );
         assert_eq!(cfg.scope.exclude_inbound_ports, vec![9090]);
 
-        // includeOutboundPorts cannot be expressed by the rules: capture all, decide in ztunnel.
+        // includeOutboundPorts is passed to the rules as is; the ranges stay narrow.
         let s = snap(
-            "    traffic.sidecar.istio.io/includeOutboundIPRanges: 10.0.0.0/8\n    traffic.sidecar.istio.io/includeOutboundPorts: \"9000\"",
+            "    traffic.sidecar.istio.io/includeOutboundIPRanges: 10.0.0.0/8\n    traffic.sidecar.istio.io/excludeOutboundIPRanges: 10.1.0.0/16\n    traffic.sidecar.istio.io/includeOutboundPorts: \"9000\"",
         );
         let spec = &desired_pods(&s, "node-1")[&NamespacedName::new("default", "a")];
         let cfg = capture_config(&spec.capture, &[IpFamily::V4]);
-        assert_eq!(cfg.scope.include_outbound_cidrs, CidrSelector::All);
+        cfg.validate().expect("valid");
+        assert_eq!(
+            cfg.scope.include_outbound_cidrs,
+            CidrSelector::Only(vec!["10.0.0.0/8".parse().expect("net")])
+        );
+        assert_eq!(
+            cfg.scope.exclude_outbound_cidrs,
+            vec!["10.1.0.0/16".parse().expect("net")]
+        );
+        assert_eq!(cfg.scope.include_outbound_ports, vec![9000]);
+        // The rendered order matches the mesh's decision: port 9000 is captured before the
+        // excluded range is looked at.
+        let rules = inpod::render_rules(&cfg, IpFamily::V4);
+        let redirect_9000 = rules
+            .find("--dport 9000 -j REDIRECT --to-ports 15001")
+            .expect("port 9000 redirected");
+        let excluded_range = rules
+            .find("-d 10.1.0.0/16 -j RETURN")
+            .expect("range excluded");
+        assert!(redirect_9000 < excluded_range, "{rules}");
+        assert!(
+            spec.capture
+                .captures_outbound("10.1.0.1:9000".parse().expect("addr"))
+        );
         assert!(
             spec.capture
                 .captures_outbound("192.0.2.1:9000".parse().expect("addr"))

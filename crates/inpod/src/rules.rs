@@ -10,9 +10,15 @@
 //!   tcp dport 15008          RETURN                  udp 53, not out lo        REDIRECT 15053
 //!   [excluded ports]         RETURN                  tcp 53, not to loopback   REDIRECT 15053
 //!   tcp [included ports]     REDIRECT 15006          out lo                    RETURN
-//!                                                    [excluded CIDRs / ports]  RETURN
+//!                                                    tcp [excluded ports]      RETURN
+//!                                                    tcp [included ports]      REDIRECT 15001
+//!                                                    [excluded CIDRs]          RETURN
 //!                                                    tcp [included CIDRs]      REDIRECT 15001
 //! ```
+//!
+//! The outbound scope follows Istio's order: excluded ports, included ports (whatever the
+//! address), excluded CIDRs, included CIDRs — the same order as the mesh's
+//! `CaptureScope::captures_outbound`, so the kernel and ztunnel agree on what is captured.
 //!
 //! Istio's PREROUTING also returns packets carrying the mark; that rule is left out because a
 //! mark is per-packet kernel state that does not cross the veth into the pod's namespace, so no
@@ -174,7 +180,8 @@ pub fn parse_port_list(s: &str) -> Result<Vec<u16>, ConfigError> {
         .collect()
 }
 
-/// What part of the pod's traffic is captured. Exclusions win over inclusions.
+/// What part of the pod's traffic is captured. Exclusions win over inclusions, except that an
+/// included outbound port is captured even to an excluded CIDR (Istio's order).
 ///
 /// The scope applies to TCP capture; DNS capture is all-or-nothing
 /// ([`CaptureConfig::capture_dns`]) because the DNS proxy must see every query to answer mesh hosts.
@@ -186,6 +193,9 @@ pub struct CaptureScope {
     pub exclude_outbound_cidrs: Vec<IpNet>,
     /// Outbound destination ports that go straight out.
     pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination ports sent to the outbound port whatever the address (after the
+    /// excluded ports, before the CIDR checks).
+    pub include_outbound_ports: Vec<u16>,
     /// Inbound destination ports sent to the inbound plaintext port (default: all).
     pub include_inbound_ports: PortSelector,
     /// Inbound destination ports delivered directly to the application.
@@ -265,6 +275,7 @@ impl CaptureConfig {
         };
         let lists = [
             ("excluded outbound port", &scope.exclude_outbound_ports[..]),
+            ("included outbound port", &scope.include_outbound_ports[..]),
             ("excluded inbound port", &scope.exclude_inbound_ports[..]),
             ("included inbound port", included),
         ];
@@ -477,13 +488,24 @@ fn output_rules(cfg: &CaptureConfig, family: IpFamily) -> Vec<String> {
     }
     // The pod talking to itself (loopback or its own address) stays inside the pod.
     rules.push("-o lo -j RETURN".to_owned());
-    for net in cidrs(&scope.exclude_outbound_cidrs, family) {
-        rules.push(format!("-d {net} -j RETURN"));
-    }
-    for port in dedup(scope.exclude_outbound_ports.iter().copied()) {
+    // Istio's order: excluded ports, included ports, excluded CIDRs, included CIDRs.
+    let excluded_ports = dedup(scope.exclude_outbound_ports.iter().copied());
+    for port in &excluded_ports {
         rules.push(format!("-p tcp -m tcp --dport {port} -j RETURN"));
     }
     let to = cfg.outbound_port;
+    // A port both excluded and included is excluded (its RETURN comes first); not rendering the
+    // unreachable redirect keeps the chain minimal.
+    for port in dedup(scope.include_outbound_ports.iter().copied()) {
+        if !excluded_ports.contains(&port) {
+            rules.push(format!(
+                "-p tcp -m tcp --dport {port} -j REDIRECT --to-ports {to}"
+            ));
+        }
+    }
+    for net in cidrs(&scope.exclude_outbound_cidrs, family) {
+        rules.push(format!("-d {net} -j RETURN"));
+    }
     match &scope.include_outbound_cidrs {
         CidrSelector::All => rules.push(format!("-p tcp -j REDIRECT --to-ports {to}")),
         CidrSelector::Only(nets) => {
@@ -610,12 +632,58 @@ COMMIT
                 },
                 IpFamily::V4,
                 &[
-                    "-A STRAIT_OUTPUT -d 10.1.0.0/16 -j RETURN",
                     "-A STRAIT_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
                     "-A STRAIT_OUTPUT -p tcp -m tcp --dport 3306 -j RETURN",
+                    "-A STRAIT_OUTPUT -d 10.1.0.0/16 -j RETURN",
                     "-A STRAIT_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001",
                 ],
-                &[],
+                &["--dport 22 -j RETURN\n-A STRAIT_OUTPUT -p tcp -m tcp --dport 22"],
+            ),
+            (
+                "included ports: after excluded ports, before the CIDR checks, deduplicated",
+                |c| {
+                    c.scope.include_outbound_cidrs = CidrSelector::Only(nets("10.0.0.0/8"));
+                    c.scope.exclude_outbound_cidrs = nets("192.0.2.0/24");
+                    c.scope.exclude_outbound_ports = vec![22];
+                    c.scope.include_outbound_ports = vec![9000, 9000, 8443];
+                },
+                IpFamily::V4,
+                &[
+                    "-A STRAIT_OUTPUT -o lo -j RETURN",
+                    "-A STRAIT_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
+                    "-A STRAIT_OUTPUT -p tcp -m tcp --dport 9000 -j REDIRECT --to-ports 15001",
+                    "-A STRAIT_OUTPUT -p tcp -m tcp --dport 8443 -j REDIRECT --to-ports 15001",
+                    "-A STRAIT_OUTPUT -d 192.0.2.0/24 -j RETURN",
+                    "-A STRAIT_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001",
+                ],
+                &[
+                    "--dport 9000 -j REDIRECT --to-ports 15001\n-A STRAIT_OUTPUT -p tcp -m tcp --dport 9000",
+                    "-A STRAIT_OUTPUT -p tcp -j REDIRECT",
+                ],
+            ),
+            (
+                "included ports apply in a family with no included CIDRs",
+                |c| {
+                    c.scope.include_outbound_cidrs = CidrSelector::Only(nets("10.0.0.0/8"));
+                    c.scope.include_outbound_ports = vec![9000];
+                },
+                IpFamily::V6,
+                &["-A STRAIT_OUTPUT -p tcp -m tcp --dport 9000 -j REDIRECT --to-ports 15001"],
+                &["-d 10.0.0.0/8", "-A STRAIT_OUTPUT -p tcp -j REDIRECT"],
+            ),
+            (
+                "a port both excluded and included is only excluded",
+                |c| {
+                    c.scope.exclude_outbound_ports = vec![9000];
+                    c.scope.include_outbound_ports = vec![9000, 9001];
+                },
+                IpFamily::V4,
+                &[
+                    "-A STRAIT_OUTPUT -p tcp -m tcp --dport 9000 -j RETURN",
+                    "-A STRAIT_OUTPUT -p tcp -m tcp --dport 9001 -j REDIRECT --to-ports 15001",
+                    "-A STRAIT_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                ],
+                &["--dport 9000 -j REDIRECT"],
             ),
             (
                 "inbound port scope",
@@ -682,6 +750,49 @@ COMMIT
                 assert!(!text.contains(unwanted), "{name}: has {unwanted}\n{text}");
             }
         }
+    }
+
+    /// The whole outbound chain, so duplicates and stray rules cannot hide behind an ordered
+    /// substring match.
+    #[test]
+    fn included_outbound_ports_chain_is_exact() {
+        let mut cfg = CaptureConfig::default();
+        cfg.scope.include_outbound_cidrs = CidrSelector::Only(nets("10.0.0.0/8,2001:db8::/32"));
+        cfg.scope.exclude_outbound_cidrs = nets("10.1.0.0/16");
+        cfg.scope.exclude_outbound_ports = vec![22, 22];
+        cfg.scope.include_outbound_ports = vec![9000, 22, 9000, 8443];
+        cfg.validate().expect("valid");
+        let chain = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("-A STRAIT_OUTPUT "))
+                .skip_while(|l| *l != "-o lo -j RETURN")
+                .map(str::to_owned)
+                .collect()
+        };
+        let rendered = render_rules(&cfg, IpFamily::V4);
+        assert_eq!(
+            chain(&rendered),
+            [
+                "-o lo -j RETURN",
+                "-p tcp -m tcp --dport 22 -j RETURN",
+                "-p tcp -m tcp --dport 9000 -j REDIRECT --to-ports 15001",
+                "-p tcp -m tcp --dport 8443 -j REDIRECT --to-ports 15001",
+                "-d 10.1.0.0/16 -j RETURN",
+                "-d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001",
+            ]
+        );
+        // Rendering is a pure function of the config: re-installing yields the same chain.
+        assert_eq!(render_rules(&cfg, IpFamily::V4), rendered);
+        assert_eq!(
+            chain(&render_rules(&cfg, IpFamily::V6)),
+            [
+                "-o lo -j RETURN",
+                "-p tcp -m tcp --dport 22 -j RETURN",
+                "-p tcp -m tcp --dport 9000 -j REDIRECT --to-ports 15001",
+                "-p tcp -m tcp --dport 8443 -j REDIRECT --to-ports 15001",
+                "-d 2001:db8::/32 -p tcp -j REDIRECT --to-ports 15001",
+            ]
+        );
     }
 
     const SAVED_WITH_OURS: &str = "\
@@ -838,6 +949,10 @@ COMMIT
             (
                 |c| c.scope.exclude_outbound_ports = vec![0],
                 ConfigError::ZeroPort("excluded outbound port"),
+            ),
+            (
+                |c| c.scope.include_outbound_ports = vec![9000, 0],
+                ConfigError::ZeroPort("included outbound port"),
             ),
             (|c| c.families.clear(), ConfigError::NoFamily),
         ];
