@@ -324,6 +324,21 @@ async fn capture_scope_by_cidr_and_port() -> Result<()> {
         install(lab, &cfg).await?;
         assert_bypassed(lab, &capture, &real, web, None).await?;
         assert_captured(lab, &capture, addr(&format!("{WEB_V4}:8080"))).await?;
+
+        // Included port (includeOutboundPorts): captured whatever the address, even outside
+        // the included range and inside an excluded one; other ports follow the ranges.
+        let web_8080 = addr(&format!("{WEB_V4}:8080"));
+        let mut cfg = CaptureConfig::default();
+        cfg.scope.include_outbound_cidrs = CidrSelector::Only(parse_cidr_list("10.96.0.0/12")?);
+        cfg.scope.include_outbound_ports = vec![8080];
+        install(lab, &cfg).await?;
+        assert_captured(lab, &capture, web_8080).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
+        assert_captured(lab, &capture, addr("10.96.0.10:80")).await?;
+        cfg.scope.exclude_outbound_cidrs = parse_cidr_list("203.0.113.0/24")?;
+        install(lab, &cfg).await?;
+        assert_captured(lab, &capture, web_8080).await?;
+        assert_bypassed(lab, &capture, &real, web, None).await?;
         Ok(())
     })
     .await
