@@ -6,7 +6,7 @@
 use crate::kinds::{KINDS, KindSpec, POD};
 use crate::netns::{NetnsDiscovery, normalise_uid_any};
 use kube::api::DynamicObject;
-use mesh_config::snapshot::NETNS_ANNOTATION;
+use mesh_config::snapshot::{CAPTURED_ANNOTATION, NETNS_ANNOTATION};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,11 +51,23 @@ fn captured_on(pod: &DynamicObject, node: &str) -> bool {
             != Some(true)
 }
 
+/// Whether the ztunnel of the pod's own node serves it, so that it answers HBONE on 15008.
+fn captured_anywhere(pod: &DynamicObject) -> bool {
+    str_at(&pod.data, &["spec", "nodeName"])
+        .filter(|n| !n.is_empty())
+        .is_some_and(|node| captured_on(pod, node))
+}
+
 /// Turns the cached objects into loader sources, each kind at the version it is watched at
 /// (`versions`, index-aligned with [`KINDS`]). With `netns` (ztunnel: node name and
 /// discovery), pods on that node get the [`NETNS_ANNOTATION`] of their network namespace.
 /// Whatever the cluster says in that annotation is dropped: it names a namespace ztunnel
 /// enters as root, so only our own discovery may set it.
+///
+/// Pods captured by their node's ztunnel get [`CAPTURED_ANNOTATION`] (also only ours; the
+/// cluster's value is dropped), so that ztunnels of other nodes and the waypoint reach them over
+/// HBONE. On our own node the netns is the sole truth: a pod whose namespace is not found yet
+/// is not served here, so it gets no marker and is reached in plaintext until it is.
 pub(crate) fn sources(
     objects: &Objects,
     versions: &[&str],
@@ -83,8 +95,9 @@ pub(crate) fn sources(
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
         for obj in sorted {
+            let is_pod = std::ptr::eq(spec, &KINDS[POD]);
             let netns = match node {
-                Some(node) if std::ptr::eq(spec, &KINDS[POD]) && captured_on(obj, node) => {
+                Some(node) if is_pod && captured_on(obj, node) => {
                     let path = obj
                         .metadata
                         .uid
@@ -99,7 +112,9 @@ pub(crate) fn sources(
                 }
                 _ => None,
             };
-            match to_json(spec, version, obj, netns) {
+            let local = node.is_some() && str_at(&obj.data, &["spec", "nodeName"]) == node;
+            let captured = is_pod && captured_anywhere(obj) && (!local || netns.is_some());
+            match to_json(spec, version, obj, netns, captured) {
                 Ok(text) => out.files.push((file_name(spec, obj), text)),
                 // Cannot happen for data that came from JSON; never drop silently though.
                 Err(error) => {
@@ -135,6 +150,7 @@ fn to_json(
     version: &str,
     obj: &DynamicObject,
     netns: Option<&PathBuf>,
+    captured: bool,
 ) -> Result<String, serde_json::Error> {
     let mut v = serde_json::to_value(obj)?;
     if let Some(map) = v.as_object_mut() {
@@ -144,28 +160,41 @@ fn to_json(
         );
         map.insert("kind".into(), Value::String(spec.kind.into()));
         if std::ptr::eq(spec, &KINDS[POD]) {
-            set_netns(map, netns);
+            set_mesh_annotations(map, netns, captured);
         }
     }
     serde_json::to_string(&v)
 }
 
-fn set_netns(obj: &mut serde_json::Map<String, Value>, netns: Option<&PathBuf>) {
+/// Replaces the cluster's [`NETNS_ANNOTATION`] and [`CAPTURED_ANNOTATION`] with ours.
+fn set_mesh_annotations(
+    obj: &mut serde_json::Map<String, Value>,
+    netns: Option<&PathBuf>,
+    captured: bool,
+) {
     let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
         return;
     };
     if let Some(ann) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
         ann.remove(NETNS_ANNOTATION);
+        ann.remove(CAPTURED_ANNOTATION);
     }
+    let mut ours = Vec::new();
     if let Some(path) = netns {
-        let ann = meta
-            .entry("annotations")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Some(ann) = ann.as_object_mut() {
-            ann.insert(
-                NETNS_ANNOTATION.into(),
-                Value::String(path.display().to_string()),
-            );
+        ours.push((NETNS_ANNOTATION, path.display().to_string()));
+    }
+    if captured {
+        ours.push((CAPTURED_ANNOTATION, "true".to_owned()));
+    }
+    if ours.is_empty() {
+        return;
+    }
+    let ann = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(ann) = ann.as_object_mut() {
+        for (k, v) in ours {
+            ann.insert(k.into(), Value::String(v));
         }
     }
 }
@@ -211,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn netns_annotation_comes_only_from_discovery() {
+    fn mesh_annotations_come_only_from_us() {
         let uid = "0c6f1a4e-2b1d-4a4e-9b77-1d2e3f405060";
         let proc = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(proc.path().join("77/ns")).expect("mkdir");
@@ -224,7 +253,8 @@ mod tests {
         let pod = |name: &str, uid: &str, node: &str, host_net: bool, phase: &str| {
             obj(serde_json::json!({
                 "metadata": {"name": name, "namespace": "default", "uid": uid,
-                             "annotations": {NETNS_ANNOTATION: "/proc/1/ns/net"}},
+                             "annotations": {NETNS_ANNOTATION: "/proc/1/ns/net",
+                                             CAPTURED_ANNOTATION: "true"}},
                 "spec": {"nodeName": node, "hostNetwork": host_net, "containers": []},
                 "status": {"phase": phase},
             }))
@@ -241,40 +271,56 @@ mod tests {
             pod("c", uid, "n1", true, "Running"),
             pod("d", uid, "n2", false, "Running"),
             pod("e", uid, "n1", false, "Pending"),
+            pod("f", uid, "n2", false, "Pending"),
+            pod("g", uid, "n2", true, "Running"),
+            pod("h", uid, "", false, "Running"),
         ]);
         let mut d = NetnsDiscovery::new(proc.path().to_path_buf());
         let s = sources(&o, &preferred(), Some(("n1", &mut d)));
-        let ann: Vec<(String, Option<String>)> = s
-            .files
-            .iter()
-            .map(|(name, text)| {
-                let v: Value = serde_json::from_str(text).expect("json");
-                assert_eq!(v["kind"], "Pod");
-                assert_eq!(v["apiVersion"], "v1");
-                (
-                    name.clone(),
-                    v["metadata"]["annotations"][NETNS_ANNOTATION]
-                        .as_str()
-                        .map(str::to_owned),
-                )
-            })
-            .collect();
-        let want_a = proc.path().join("77/ns/net").display().to_string();
-        assert_eq!(
-            ann,
-            [
-                ("default/pods/a".to_owned(), Some(want_a)),
-                ("default/pods/b".to_owned(), None),
-                ("default/pods/c".to_owned(), None),
-                ("default/pods/d".to_owned(), None),
-                ("default/pods/e".to_owned(), None),
+        // (file, netns, captured marker)
+        let ann = |s: &Sources| -> Vec<(String, Option<String>, bool)> {
+            s.files
+                .iter()
+                .map(|(name, text)| {
+                    let v: Value = serde_json::from_str(text).expect("json");
+                    assert_eq!(v["kind"], "Pod");
+                    assert_eq!(v["apiVersion"], "v1");
+                    let a = &v["metadata"]["annotations"];
+                    let captured = match a[CAPTURED_ANNOTATION].as_str() {
+                        Some("true") => true,
+                        None => false,
+                        Some(other) => panic!("{name}: unexpected marker {other:?}"),
+                    };
+                    (
+                        name.clone(),
+                        a[NETNS_ANNOTATION].as_str().map(str::to_owned),
+                        captured,
+                    )
+                })
+                .collect()
+        };
+        let want = |a: Option<String>, local_b: bool| {
+            vec![
+                ("default/pods/a".to_owned(), a, true),
+                // On our node but its netns is not found: not served here yet.
+                ("default/pods/b".to_owned(), None, local_b),
+                ("default/pods/c".to_owned(), None, false),
+                // Another node's pod: reached over HBONE, but never entered from here.
+                ("default/pods/d".to_owned(), None, true),
+                ("default/pods/e".to_owned(), None, false),
+                ("default/pods/f".to_owned(), None, false),
+                ("default/pods/g".to_owned(), None, false),
+                ("default/pods/h".to_owned(), None, false),
             ]
-        );
+        };
+        let want_a = proc.path().join("77/ns/net").display().to_string();
+        assert_eq!(ann(&s), want(Some(want_a), false));
         assert_eq!(s.pods_without_netns, 1);
 
-        // Waypoint (no node): nothing is annotated, the cluster's value is still dropped.
+        // Waypoint (no node): no netns at all (the cluster's value is still dropped), and every
+        // pod its node's ztunnel captures is marked.
         let s = sources(&o, &preferred(), None);
-        assert!(s.files.iter().all(|(_, t)| !t.contains(NETNS_ANNOTATION)));
+        assert_eq!(ann(&s), want(None, true));
         assert_eq!(s.pods_without_netns, 0);
     }
 

@@ -367,6 +367,8 @@ async fn follows_the_cluster() {
         on_node[0].netns.as_deref(),
         Some(proc.path().join("4242/ns/net").as_path())
     );
+    // Running on its node: marked captured too, so it is in the mesh for every reader.
+    assert!(on_node[0].captured && on_node[0].in_mesh());
 
     // An invalid VirtualService update: rejected, the previous snapshot stays, the error is
     // mesh-config's own message naming the object and field.

@@ -184,6 +184,11 @@ pub fn compile(res: &Resources, errors: &mut Vec<ConfigError>) -> Snapshot {
                 service_account: sa,
                 labels: meta.labels.clone(),
                 netns,
+                // Only kube-source writes this marker (it drops the cluster's own value).
+                captured: meta
+                    .annotations
+                    .get(CAPTURED_ANNOTATION)
+                    .is_some_and(|v| v == "true"),
                 capture,
                 waypoint: WaypointBinding::None,
                 waypoint_of,

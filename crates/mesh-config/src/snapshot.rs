@@ -34,6 +34,14 @@ pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
 pub const AUTO_ALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
 /// Pod annotation: path of the pod's network namespace, for ztunnel outside Kubernetes.
 pub const NETNS_ANNOTATION: &str = "strait.dev/netns";
+/// Pod annotation `"true"`: the pod is captured by the ztunnel of its node, so it accepts HBONE
+/// on its 15008 wherever the connection comes from. Written only by kube-source (for Running,
+/// non-hostNetwork pods with a node; whatever the cluster says here is dropped); outside
+/// Kubernetes the [`NETNS_ANNOTATION`] says the same. It grants no local capture: entering a
+/// pod's network namespace still needs its netns.
+pub const CAPTURED_ANNOTATION: &str = "strait.dev/captured";
+/// Pod label that opts a pod out of ambient capture (`none`).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// The HBONE port.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -428,6 +436,10 @@ pub struct Workload {
     pub labels: Labels,
     /// Network namespace path (annotation `strait.dev/netns`), used outside Kubernetes.
     pub netns: Option<PathBuf>,
+    /// Captured by its node's ztunnel (annotation [`CAPTURED_ANNOTATION`]), for pods whose
+    /// netns this process does not know (other nodes, or any pod as seen by the waypoint).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub captured: bool,
     /// What ztunnel captures in this pod (Istio's traffic.sidecar.istio.io annotations).
     pub capture: Arc<CaptureScope>,
     /// Waypoint for traffic addressed to this workload's IP (pod label, or namespace label
@@ -445,6 +457,24 @@ pub struct Workload {
     /// mesh-wide). Enforced by ztunnel on inbound.
     #[serde(skip)]
     pub authz: Arc<AuthzPolicies>,
+}
+
+impl Workload {
+    /// Whether this pod is in the ambient mesh, i.e. captured by a ztunnel (this node's or
+    /// another's) and so reached over HBONE on its 15008 from anywhere: it has a node and an
+    /// address, is captured ([`Workload::netns`] known or [`Workload::captured`] marked), is not
+    /// a waypoint (waypoints speak HBONE themselves and are never captured) and did not opt out
+    /// with `istio.io/dataplane-mode: none`.
+    pub fn in_mesh(&self) -> bool {
+        self.node.is_some()
+            && !self.ips.is_empty()
+            && (self.netns.is_some() || self.captured)
+            && self.waypoint_of.is_none()
+            && self
+                .labels
+                .get(DATAPLANE_MODE_LABEL)
+                .is_none_or(|mode| mode != "none")
+    }
 }
 
 /// Outbound traffic policy (MeshConfig `outboundTrafficPolicy.mode`).

@@ -922,3 +922,119 @@ fn embedded_default_config() {
         serde_json::to_string(&s).unwrap()
     );
 }
+
+/// One pod: (name, node, ip, annotations, labels, in the mesh).
+type MeshCase<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a str,
+    &'a str,
+    bool,
+);
+
+#[test]
+fn in_mesh_needs_a_captured_pod_with_a_node_and_an_address() {
+    let cases: &[MeshCase<'_>] = &[
+        (
+            "netns",
+            Some("n1"),
+            Some("10.244.0.1"),
+            "strait.dev/netns: /run/netns/a",
+            "{}",
+            true,
+        ),
+        (
+            "marker",
+            Some("n2"),
+            Some("10.244.0.2"),
+            "strait.dev/captured: \"true\"",
+            "{}",
+            true,
+        ),
+        ("neither", Some("n2"), Some("10.244.0.3"), "{}", "{}", false),
+        (
+            "marker-false",
+            Some("n2"),
+            Some("10.244.0.4"),
+            "strait.dev/captured: \"false\"",
+            "{}",
+            false,
+        ),
+        (
+            "opted-out",
+            Some("n2"),
+            Some("10.244.0.5"),
+            "strait.dev/captured: \"true\"",
+            "{istio.io/dataplane-mode: none}",
+            false,
+        ),
+        (
+            "ambient",
+            Some("n2"),
+            Some("10.244.0.6"),
+            "strait.dev/captured: \"true\"",
+            "{istio.io/dataplane-mode: ambient}",
+            true,
+        ),
+        (
+            "waypoint",
+            Some("n2"),
+            Some("10.244.0.7"),
+            "strait.dev/captured: \"true\"",
+            "{gateway.networking.k8s.io/gateway-name: wp}",
+            false,
+        ),
+        (
+            "no-node",
+            None,
+            Some("10.244.0.8"),
+            "strait.dev/captured: \"true\"",
+            "{}",
+            false,
+        ),
+        (
+            "no-ip",
+            Some("n2"),
+            None,
+            "strait.dev/captured: \"true\"",
+            "{}",
+            false,
+        ),
+    ];
+    let yaml: Vec<String> = cases
+        .iter()
+        .map(|(name, node, ip, ann, labels, _)| {
+            let ann = if ann.starts_with('{') { (*ann).to_owned() } else { format!("{{{ann}}}") };
+            let node = node.map(|n| format!("nodeName: {n}")).unwrap_or_default();
+            let ip = ip.map(|i| format!("podIP: {i}")).unwrap_or_default();
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, annotations: {ann}, labels: {labels}}}\nspec: {{{node}}}\nstatus: {{{ip}}}\n"
+            )
+        })
+        .collect();
+    let s = must(&[("pods.yaml", &yaml.join("---\n"))]);
+    for (name, .., want) in cases {
+        let w = s
+            .workloads()
+            .iter()
+            .find(|w| w.name.name == *name)
+            .unwrap_or_else(|| panic!("pod {name} not compiled"));
+        assert_eq!(w.in_mesh(), *want, "{name}");
+    }
+    assert!(
+        s.workloads()
+            .iter()
+            .find(|w| w.name.name == "marker")
+            .unwrap()
+            .captured
+    );
+    assert!(
+        s.workloads()
+            .iter()
+            .find(|w| w.name.name == "marker")
+            .unwrap()
+            .netns
+            .is_none()
+    );
+}

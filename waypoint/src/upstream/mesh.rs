@@ -22,21 +22,12 @@ use tracing::debug;
 use super::Cluster;
 
 /// Pod label that opts a pod out of ambient capture (`none`).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use mesh_config::snapshot::DATAPLANE_MODE_LABEL;
 
-/// Whether ztunnel captures `workload`, so that its 15008 answers HBONE. The same predicate as
-/// ztunnel's `outbound::is_captured` (ztunnel is a binary crate, so it is restated here): the
-/// pod has a node and a network namespace to be served in, an address, is not a waypoint
-/// (waypoints are never captured) and did not opt out with `istio.io/dataplane-mode: none`.
+/// Whether ztunnel captures `workload`, so that its 15008 answers HBONE: [`Workload::in_mesh`],
+/// the predicate ztunnel uses too.
 pub fn is_captured(workload: &Workload) -> bool {
-    workload.node.is_some()
-        && workload.netns.is_some()
-        && workload.waypoint_of.is_none()
-        && !workload.ips.is_empty()
-        && workload
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_none_or(|mode| mode != "none")
+    workload.in_mesh()
 }
 
 /// Where and how one upstream endpoint is reached over HBONE. Hashable: it keys the
@@ -247,6 +238,16 @@ spec: {nodeName: node-2}
 status: {podIP: 10.244.2.30}
 ---
 apiVersion: v1
+kind: Pod
+metadata:
+  name: legacy-1
+  namespace: default
+  labels: {app: legacy}
+  annotations: {strait.dev/captured: "true"}
+spec: {nodeName: node-3, serviceAccountName: marked}
+status: {podIP: 10.244.3.10}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
@@ -344,10 +345,16 @@ spec:
                 hbone("10.244.2.10:15008", "10.244.2.10:8080", vec![id("web")]),
             ),
             (
-                "pod without a network namespace is not captured: plain",
+                "pod with neither a network namespace nor the capture marker: plain",
                 "legacy.default.svc.cluster.local",
                 "10.244.2.20:80",
                 Ok(None),
+            ),
+            (
+                "pod marked captured by kube-source, no netns (as the waypoint sees every pod)",
+                "legacy.default.svc.cluster.local",
+                "10.244.3.10:80",
+                hbone("10.244.3.10:15008", "10.244.3.10:80", vec![id("marked")]),
             ),
             (
                 "dataplane-mode none: plain",

@@ -167,22 +167,14 @@ impl fmt::Display for DenyReason {
     }
 }
 
-/// Whether a pod's traffic is intercepted by a ztunnel (ours or another node's), so that it
-/// accepts HBONE on its 15008: it has a node and a network namespace to be served in, and is not
-/// a waypoint (waypoints speak HBONE themselves and are never captured).
-pub fn is_captured(workload: &Workload) -> bool {
-    workload.node.is_some()
-        && workload.netns.is_some()
-        && workload.waypoint_of.is_none()
-        && !workload.ips.is_empty()
-        && workload
-            .labels
-            .get(DATAPLANE_MODE_LABEL)
-            .is_none_or(|mode| mode != "none")
-}
-
 /// Pod label that opts a pod out of ambient capture (`none`).
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use mesh_config::snapshot::DATAPLANE_MODE_LABEL;
+
+/// Whether a pod's traffic is intercepted by a ztunnel (ours or another node's), so that it
+/// accepts HBONE on its 15008: [`Workload::in_mesh`]. Serving it locally also needs its netns.
+pub fn is_captured(workload: &Workload) -> bool {
+    workload.in_mesh()
+}
 
 /// The decision for a connection from `source` to the original destination `dst`.
 pub fn decide_outbound(snap: &Snapshot, source: &Workload, dst: SocketAddr) -> OutboundAction {
@@ -400,9 +392,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
-    /// A mesh with: two captured pods on two nodes, an uncaptured pod, a Service over the
-    /// captured `web` pods, a Service without endpoints, a waypoint and services bound to it,
-    /// ServiceEntries of each resolution, one bound to a missing waypoint.
+    /// A mesh with: two captured pods on two nodes, one on a third node known captured only by
+    /// its kube-source marker, an uncaptured pod, a Service over the captured `web` pods, a
+    /// Service without endpoints, a waypoint and services bound to it, ServiceEntries of each
+    /// resolution, one bound to a missing waypoint.
     const MESH: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -464,6 +457,16 @@ metadata:
   annotations: {strait.dev/netns: /run/netns/opted-out}
 spec: {nodeName: node-2}
 status: {podIP: 10.244.2.30}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: remote
+  namespace: default
+  labels: {app: remote}
+  annotations: {strait.dev/captured: "true"}
+spec: {nodeName: node-3, serviceAccountName: remote}
+status: {podIP: 10.244.3.10}
 ---
 apiVersion: v1
 kind: Service
@@ -654,6 +657,18 @@ spec:
                     "10.244.2.10:8080",
                     vec![id("default", "web")],
                     Some(nn("default", "web-0")),
+                )],
+            ),
+            (
+                "pod on another node, captured per kube-source (no netns here): HBONE",
+                "10.244.1.10",
+                "10.244.3.10:8080".into(),
+                Via::Workload,
+                vec![hbone(
+                    "10.244.3.10:15008",
+                    "10.244.3.10:8080",
+                    vec![id("default", "remote")],
+                    Some(nn("default", "remote")),
                 )],
             ),
             (
@@ -864,6 +879,10 @@ spec:
         );
         assert!(!is_captured(workload(&snap, "10.244.2.30")), "opted out");
         assert!(!is_captured(workload(&snap, "10.244.1.20")), "waypoint");
+        assert!(
+            is_captured(workload(&snap, "10.244.3.10")),
+            "marked by kube-source, no netns"
+        );
     }
 
     #[test]
