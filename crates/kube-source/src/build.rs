@@ -3,12 +3,12 @@
 //! Each object becomes one JSON "file" (JSON is YAML) named `<namespace>/<plural>/<name>` (or
 //! `<plural>/<name>` for cluster-scoped kinds), so mesh-config's errors read
 //! `istio-egress/virtualservices/foo:document 1: VirtualService istio-egress/foo: spec…: …`.
-use crate::kinds::{KINDS, KindSpec, POD};
+use crate::kinds::{KINDS, KindSpec, NAMESPACE, POD};
 use crate::netns::{NetnsDiscovery, normalise_uid_any};
 use kube::api::DynamicObject;
-use mesh_config::snapshot::{CAPTURED_ANNOTATION, NETNS_ANNOTATION};
+use mesh_config::snapshot::{CAPTURED_ANNOTATION, DATAPLANE_MODE_LABEL, NETNS_ANNOTATION};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{debug, warn};
@@ -39,9 +39,53 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(*k))?.as_str()
 }
 
-/// Whether ztunnel on `node` serves this pod: scheduled here, running, own network namespace.
-fn captured_on(pod: &DynamicObject, node: &str) -> bool {
-    str_at(&pod.data, &["spec", "nodeName"]) == Some(node)
+/// Namespaces enrolled in the ambient mesh (label `istio.io/dataplane-mode: ambient`).
+struct Enrolled<'a>(HashSet<&'a str>);
+
+impl<'a> Enrolled<'a> {
+    fn new(objects: &'a Objects) -> Self {
+        let namespaces = objects
+            .get(NAMESPACE)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        Enrolled(
+            namespaces
+                .iter()
+                .filter(|ns| dataplane_mode(ns) == Some("ambient"))
+                .filter_map(|ns| ns.metadata.name.as_deref())
+                .collect(),
+        )
+    }
+
+    /// Istio's opt-in: the pod's own label, else its namespace's; the pod's `none` opts out of
+    /// an enrolled namespace. Nothing is captured unless someone enrolled it (kube-system and
+    /// every other namespace stay untouched).
+    fn pod(&self, pod: &DynamicObject) -> bool {
+        match dataplane_mode(pod) {
+            Some("ambient") => true,
+            Some(_) => false,
+            None => pod
+                .metadata
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| self.0.contains(ns)),
+        }
+    }
+}
+
+fn dataplane_mode(obj: &DynamicObject) -> Option<&str> {
+    obj.metadata
+        .labels
+        .as_ref()?
+        .get(DATAPLANE_MODE_LABEL)
+        .map(String::as_str)
+}
+
+/// Whether ztunnel on `node` serves this pod: enrolled, scheduled here, running, own network
+/// namespace.
+fn captured_on(pod: &DynamicObject, node: &str, enrolled: &Enrolled) -> bool {
+    enrolled.pod(pod)
+        && str_at(&pod.data, &["spec", "nodeName"]) == Some(node)
         && str_at(&pod.data, &["status", "phase"]) == Some("Running")
         && pod
             .data
@@ -52,10 +96,10 @@ fn captured_on(pod: &DynamicObject, node: &str) -> bool {
 }
 
 /// Whether the ztunnel of the pod's own node serves it, so that it answers HBONE on 15008.
-fn captured_anywhere(pod: &DynamicObject) -> bool {
+fn captured_anywhere(pod: &DynamicObject, enrolled: &Enrolled) -> bool {
     str_at(&pod.data, &["spec", "nodeName"])
         .filter(|n| !n.is_empty())
-        .is_some_and(|node| captured_on(pod, node))
+        .is_some_and(|node| captured_on(pod, node, enrolled))
 }
 
 /// Turns the cached objects into loader sources, each kind at the version it is watched at
@@ -76,10 +120,11 @@ pub(crate) fn sources(
     let mut found: HashMap<String, PathBuf> = HashMap::new();
     let mut wanted = 0usize;
     let node = netns.as_ref().map(|(n, _)| *n);
+    let enrolled = Enrolled::new(objects);
     if let (Some((node, discovery)), Some(pods)) = (netns, objects.get(POD)) {
         let uids: Vec<&str> = pods
             .iter()
-            .filter(|p| captured_on(p, node))
+            .filter(|p| captured_on(p, node, &enrolled))
             .filter_map(|p| p.metadata.uid.as_deref())
             .collect();
         wanted = uids.len();
@@ -97,7 +142,7 @@ pub(crate) fn sources(
         for obj in sorted {
             let is_pod = std::ptr::eq(spec, &KINDS[POD]);
             let netns = match node {
-                Some(node) if is_pod && captured_on(obj, node) => {
+                Some(node) if is_pod && captured_on(obj, node, &enrolled) => {
                     let path = obj
                         .metadata
                         .uid
@@ -113,7 +158,8 @@ pub(crate) fn sources(
                 _ => None,
             };
             let local = node.is_some() && str_at(&obj.data, &["spec", "nodeName"]) == node;
-            let captured = is_pod && captured_anywhere(obj) && (!local || netns.is_some());
+            let captured =
+                is_pod && captured_anywhere(obj, &enrolled) && (!local || netns.is_some());
             match to_json(spec, version, obj, netns, captured) {
                 Ok(text) => out.files.push((file_name(spec, obj), text)),
                 // Cannot happen for data that came from JSON; never drop silently though.
@@ -250,6 +296,15 @@ mod tests {
             format!("0::/kubepods/pod{uid}/c\n"),
         )
         .expect("write");
+        let in_ns = |ns: &str, name: &str, uid: &str, node: &str, labels: Value| {
+            obj(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                             "annotations": {NETNS_ANNOTATION: "/proc/1/ns/net",
+                                             CAPTURED_ANNOTATION: "true"}},
+                "spec": {"nodeName": node, "containers": []},
+                "status": {"phase": "Running"},
+            }))
+        };
         let pod = |name: &str, uid: &str, node: &str, host_net: bool, phase: &str| {
             obj(serde_json::json!({
                 "metadata": {"name": name, "namespace": "default", "uid": uid,
@@ -259,7 +314,13 @@ mod tests {
                 "status": {"phase": phase},
             }))
         };
-        let o = objects(vec![
+        let none = serde_json::json!({DATAPLANE_MODE_LABEL: "none"});
+        let ambient = serde_json::json!({DATAPLANE_MODE_LABEL: "ambient"});
+        let mut o = objects(vec![
+            // Istio's opt-in: kube-system is not enrolled, default is; pod labels override.
+            in_ns("kube-system", "dns", uid, "n1", serde_json::json!({})),
+            in_ns("kube-system", "enrolled", uid, "n2", ambient),
+            in_ns("default", "opted-out", uid, "n2", none),
             pod("a", uid, "n1", false, "Running"),
             pod(
                 "b",
@@ -275,12 +336,18 @@ mod tests {
             pod("g", uid, "n2", true, "Running"),
             pod("h", uid, "", false, "Running"),
         ]);
+        o[NAMESPACE] = vec![
+            obj(serde_json::json!({"metadata": {"name": "default",
+                                   "labels": {DATAPLANE_MODE_LABEL: "ambient"}}})),
+            obj(serde_json::json!({"metadata": {"name": "kube-system"}})),
+        ];
         let mut d = NetnsDiscovery::new(proc.path().to_path_buf());
         let s = sources(&o, &preferred(), Some(("n1", &mut d)));
         // (file, netns, captured marker)
         let ann = |s: &Sources| -> Vec<(String, Option<String>, bool)> {
             s.files
                 .iter()
+                .filter(|(name, _)| !name.starts_with("namespaces/"))
                 .map(|(name, text)| {
                     let v: Value = serde_json::from_str(text).expect("json");
                     assert_eq!(v["kind"], "Pod");
@@ -311,6 +378,9 @@ mod tests {
                 ("default/pods/f".to_owned(), None, false),
                 ("default/pods/g".to_owned(), None, false),
                 ("default/pods/h".to_owned(), None, false),
+                ("default/pods/opted-out".to_owned(), None, false),
+                ("kube-system/pods/dns".to_owned(), None, false),
+                ("kube-system/pods/enrolled".to_owned(), None, true),
             ]
         };
         let want_a = proc.path().join("77/ns/net").display().to_string();

@@ -91,6 +91,8 @@ const fn all(
     }
 }
 
+/// Index of the Namespace kind in [`KINDS`] (their labels enrol pods in the mesh).
+pub const NAMESPACE: usize = 0;
 /// Index of the Pod kind in [`KINDS`] (netns discovery annotates these objects).
 pub const POD: usize = 2;
 
@@ -231,6 +233,8 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(KINDS[0].api_version("v1"), "v1");
+        assert_eq!(KINDS[NAMESPACE].kind, "Namespace");
+        assert_eq!(KINDS[POD].kind, "Pod");
         assert_eq!(
             KINDS[4].api_version(KINDS[4].preferred_version()),
             "networking.istio.io/v1"

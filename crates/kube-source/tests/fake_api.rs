@@ -193,6 +193,13 @@ fn namespace(name: &str) -> Value {
            "status": {"phase": "Active"}})
 }
 
+/// A namespace enrolled in the ambient mesh (`istio.io/dataplane-mode: ambient`).
+fn ambient_namespace(name: &str) -> Value {
+    let mut ns = namespace(name);
+    ns["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
+    ns
+}
+
 fn service(name: &str, ip: &str, rv: &str) -> Value {
     json!({
         "metadata": meta(Some("default"), name, rv),
@@ -289,7 +296,7 @@ async fn follows_the_cluster() {
     let api = FakeApi::default();
     api.set_list(
         NAMESPACES,
-        vec![namespace("default"), namespace("istio-system")],
+        vec![ambient_namespace("default"), namespace("istio-system")],
         "1",
     );
     api.set_list(SERVICES, vec![service("web", "10.96.0.10", "5")], "5");
@@ -546,7 +553,7 @@ fn authorization_policy() -> Value {
 fn non_istio_kinds(api: &FakeApi) {
     api.set_list(
         NAMESPACES,
-        vec![namespace("default"), namespace("istio-system")],
+        vec![ambient_namespace("default"), namespace("istio-system")],
         "1",
     );
     for empty in [SERVICES, PODS, CONFIGMAPS, GATEWAYS, HTTP_ROUTES] {
