@@ -109,8 +109,9 @@ pub fn hbone_target(
 pub struct MeshClient {
     client: hbone::Client,
     identity: SpiffeId,
-    /// The waypoint's metadata, sent as `baggage` on each CONNECT (as ztunnel does for its pods).
-    baggage: Baggage,
+    /// The waypoint's metadata, sent as `baggage` on each CONNECT (as ztunnel does for its
+    /// pods); rendered once, `None` when a name is not header text.
+    baggage: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for MeshClient {
@@ -138,6 +139,10 @@ impl MeshClient {
             service_name: Some(gateway.name.clone()),
             ..Baggage::default()
         };
+        let baggage = baggage
+            .to_header_value()
+            .inspect_err(|error| debug!(%error, "baggage header left out"))
+            .ok();
         MeshClient {
             client,
             identity,
@@ -167,14 +172,9 @@ impl MeshClient {
             target.authority,
         )
         .traceparent(&TraceParent::random());
-        request = match request.clone().baggage(&self.baggage) {
-            Ok(r) => r,
-            Err(error) => {
-                // Only names that are not header text fail; the CONNECT goes without it.
-                debug!(%error, "baggage header left out");
-                request
-            }
-        };
+        if let Some(baggage) = &self.baggage {
+            request = request.header(hbone::headers::BAGGAGE, baggage.clone());
+        }
         self.client.open(request).await
     }
 }
