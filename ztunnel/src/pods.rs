@@ -29,7 +29,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::identity::spiffe;
-use crate::outbound::is_captured;
 use crate::proxy::Shared;
 use crate::state::{Entry, StateStore};
 use crate::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, MARK, OUTBOUND_PORT};
@@ -47,7 +46,7 @@ pub struct PodSpec {
 impl PodSpec {
     /// The spec of a workload this node should serve, `None` if it should not be served.
     pub fn of(w: &Workload) -> Option<PodSpec> {
-        if !is_captured(w) {
+        if !w.in_mesh() {
             return None;
         }
         Some(PodSpec {

@@ -15,20 +15,11 @@ use std::sync::Arc;
 use certs::SpiffeId;
 use futures::future::BoxFuture;
 use hbone::{Baggage, TraceParent, TunnelRequest};
-use mesh_config::{Identity, Snapshot, Workload};
+use mesh_config::{Identity, Snapshot};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
 use super::Cluster;
-
-/// Pod label that opts a pod out of ambient capture (`none`).
-pub use mesh_config::snapshot::DATAPLANE_MODE_LABEL;
-
-/// Whether ztunnel captures `workload`, so that its 15008 answers HBONE: [`Workload::in_mesh`],
-/// the predicate ztunnel uses too.
-pub fn is_captured(workload: &Workload) -> bool {
-    workload.in_mesh()
-}
 
 /// Where and how one upstream endpoint is reached over HBONE. Hashable: it keys the
 /// connection pools of tunnelled HTTP.
@@ -69,7 +60,7 @@ pub fn hbone_target(
     addr: SocketAddr,
 ) -> Result<Option<HboneTarget>, MeshError> {
     let ip = addr.ip().to_canonical();
-    let workload = snap.workload_by_ip(ip).filter(|w| is_captured(w));
+    let workload = snap.workload_by_ip(ip).filter(|w| w.in_mesh());
     if workload.is_none() && !cluster.istio_mutual {
         return Ok(None);
     }

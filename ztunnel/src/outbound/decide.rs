@@ -167,15 +167,6 @@ impl fmt::Display for DenyReason {
     }
 }
 
-/// Pod label that opts a pod out of ambient capture (`none`).
-pub use mesh_config::snapshot::DATAPLANE_MODE_LABEL;
-
-/// Whether a pod's traffic is intercepted by a ztunnel (ours or another node's), so that it
-/// accepts HBONE on its 15008: [`Workload::in_mesh`]. Serving it locally also needs its netns.
-pub fn is_captured(workload: &Workload) -> bool {
-    workload.in_mesh()
-}
-
 /// The decision for a connection from `source` to the original destination `dst`.
 pub fn decide_outbound(snap: &Snapshot, source: &Workload, dst: SocketAddr) -> OutboundAction {
     if !source.capture.captures_outbound(dst) {
@@ -306,7 +297,7 @@ fn endpoint_upstreams(
         };
         let addr = SocketAddr::new(*ip, service.endpoint_port(ep, found.port));
         let workload = snap.workload_by_ip(*ip);
-        match workload.filter(|w| is_captured(w)) {
+        match workload.filter(|w| w.in_mesh()) {
             Some(w) => {
                 let mut identities =
                     vec![ep.identity.clone().unwrap_or_else(|| w.identity.clone())];
@@ -365,7 +356,7 @@ fn to_workload(workload: &Arc<Workload>, dst: SocketAddr) -> OutboundAction {
         }
         WaypointBinding::None => {}
     }
-    let upstream = if is_captured(workload) {
+    let upstream = if workload.in_mesh() {
         Upstream::Hbone {
             peer: SocketAddr::new(dst.ip(), mesh_config::snapshot::HBONE_PORT),
             authority: dst,
@@ -872,15 +863,15 @@ spec:
     #[test]
     fn captured_predicate() {
         let snap = mesh("ALLOW_ANY");
-        assert!(is_captured(workload(&snap, "10.244.1.10")));
+        assert!(workload(&snap, "10.244.1.10").in_mesh());
         assert!(
-            !is_captured(workload(&snap, "10.244.2.20")),
+            !workload(&snap, "10.244.2.20").in_mesh(),
             "no netns annotation"
         );
-        assert!(!is_captured(workload(&snap, "10.244.2.30")), "opted out");
-        assert!(!is_captured(workload(&snap, "10.244.1.20")), "waypoint");
+        assert!(!workload(&snap, "10.244.2.30").in_mesh(), "opted out");
+        assert!(!workload(&snap, "10.244.1.20").in_mesh(), "waypoint");
         assert!(
-            is_captured(workload(&snap, "10.244.3.10")),
+            workload(&snap, "10.244.3.10").in_mesh(),
             "marked by kube-source, no netns"
         );
     }

@@ -12,8 +12,8 @@ mod blackhole;
 mod decide;
 
 pub use decide::{
-    DATAPLANE_MODE_LABEL, DenyReason, Forward, OutboundAction, ServiceRef, Upstream, Via,
-    canonical, canonical_ip, decide_outbound, is_captured,
+    DenyReason, Forward, OutboundAction, ServiceRef, Upstream, Via, canonical, canonical_ip,
+    decide_outbound,
 };
 
 use std::net::{IpAddr, SocketAddr};
