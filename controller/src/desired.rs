@@ -34,7 +34,7 @@ pub const MANAGED_BY_VALUE: &str = "waypoint-controller";
 pub const FIELD_MANAGER: &str = "strait-waypoint-controller";
 /// Ztunnel must not capture the waypoint's own traffic (it would loop through itself); Istio
 /// puts this label on waypoint pods for the same reason.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use mesh_config::snapshot::DATAPLANE_MODE_LABEL;
 /// Where the CA secret is mounted in the waypoint container.
 pub const CA_MOUNT_PATH: &str = "/etc/strait/ca";
 /// The Gateway API's default class for Istio waypoints.
