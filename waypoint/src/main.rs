@@ -82,6 +82,10 @@ struct RunArgs {
     /// before the copy is abandoned (the original never waits for it); default: the buffer limit.
     #[arg(long)]
     mirror_max_lag_bytes: Option<usize>,
+    /// Worker threads (Envoy's `--concurrency`); default: one per core. With 1 the waypoint
+    /// runs on a single-threaded runtime: no cross-thread wake-ups.
+    #[arg(long, env = "WAYPOINT_CONCURRENCY")]
+    concurrency: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -143,7 +147,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     opts.drain_timeout = Duration::from_secs(args.drain_seconds);
     opts.max_buffered_body = args.max_request_buffer_bytes;
     opts.mirror_max_lag = args.mirror_max_lag_bytes;
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let runtime = match args.concurrency {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(0) => anyhow::bail!("--concurrency must be at least 1"),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
+    .context("starting the tokio runtime")?;
     runtime.block_on(waypoint::run(opts, shutdown_signal()))?;
     Ok(())
 }
