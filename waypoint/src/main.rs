@@ -82,8 +82,8 @@ struct RunArgs {
     /// before the copy is abandoned (the original never waits for it); default: the buffer limit.
     #[arg(long)]
     mirror_max_lag_bytes: Option<usize>,
-    /// Worker threads (Envoy's `--concurrency`); default: one per core. With 1 the waypoint
-    /// runs on a single-threaded runtime: no cross-thread wake-ups.
+    /// HBONE worker threads (Envoy's `--concurrency`), each with its own listener (SO_REUSEPORT),
+    /// single-threaded runtime and upstream pools; default: one per core.
     #[arg(long, env = "WAYPOINT_CONCURRENCY")]
     concurrency: Option<usize>,
 }
@@ -147,18 +147,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     opts.drain_timeout = Duration::from_secs(args.drain_seconds);
     opts.max_buffered_body = args.max_request_buffer_bytes;
     opts.mirror_max_lag = args.mirror_max_lag_bytes;
-    let runtime = match args.concurrency {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
+    opts.workers = match args.concurrency {
         Some(0) => anyhow::bail!("--concurrency must be at least 1"),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Runtime::new(),
-    }
-    .context("starting the tokio runtime")?;
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    // The main thread is worker 0 (and runs admin, config reloads and the Kubernetes watches);
+    // the others start their own runtimes (see `Options::workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     runtime.block_on(waypoint::run(opts, shutdown_signal()))?;
     Ok(())
 }

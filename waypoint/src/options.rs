@@ -47,6 +47,11 @@ pub struct Options {
     pub mirror_max_lag: Option<usize>,
     /// After SIGTERM, how long in-flight requests get before connections are dropped.
     pub drain_timeout: Duration,
+    /// Threads serving HBONE (Envoy's `--concurrency`). Each runs a single-threaded runtime with
+    /// its own `SO_REUSEPORT` listener and upstream pools, so a request never crosses threads:
+    /// cross-thread wake-ups cost the multi-threaded runtime about a third of its CPU per
+    /// request (`scripts/bench-waypoint`). 1 = serve on the caller's runtime only.
+    pub workers: usize,
 }
 
 impl Options {
@@ -67,6 +72,7 @@ impl Options {
             max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
             mirror_max_lag: None,
             drain_timeout: Duration::from_secs(20),
+            workers: 1,
         }
     }
 }

@@ -51,6 +51,10 @@ pub enum RunError {
     Dns(#[from] DnsError),
     #[error("configuration from the Kubernetes API: {0}")]
     Kube(#[from] kube_source::KubeSourceError),
+    #[error("starting worker thread: {0}")]
+    WorkerThread(std::io::Error),
+    #[error("a worker thread exited while starting")]
+    WorkerExited,
 }
 
 /// State shared by every connection and request.
@@ -233,13 +237,17 @@ pub async fn run(
         ..hbone::Config::default()
     };
     let server = hbone::Server::new(&identities, &identity, hbone_config)?;
-    let listener = TcpListener::bind(opts.listen)
-        .await
+    let mut listeners = bind_hbone(opts.listen, opts.workers.max(1))?.into_iter();
+    let listener = listeners
+        .next()
+        .map(TcpListener::from_std)
+        .transpose()
         .map_err(|source| RunError::Bind {
             what: "HBONE",
             addr: opts.listen,
             source,
-        })?;
+        })?
+        .expect("bind_hbone returns at least one listener");
     let listen = listener.local_addr().unwrap_or(opts.listen);
 
     // Shutdown fans out: HBONE drain, HTTP graceful close inside tunnels, admin.
@@ -300,23 +308,168 @@ pub async fn run(
         }
     });
 
+    // Workers 1.. each get a thread, a single-threaded runtime and their own Proxy (upstream
+    // pools, resolver, mesh client); the config store, identities, metrics and log are shared.
+    let mut workers_done = Vec::new();
+    for (index, listener) in listeners.enumerate() {
+        let worker = Worker {
+            index: index + 1,
+            opts: opts.clone(),
+            store: store.clone(),
+            identity: identity.clone(),
+            mesh: MeshClient::new(
+                identities.clone(),
+                identity.clone(),
+                &opts.gateway,
+                hbone::Config::default(),
+            ),
+            metrics: metrics.clone(),
+            access_log: access_log.clone(),
+            server: server.clone(),
+            shutdown: token.clone(),
+        };
+        let (started, done) = worker.spawn(listener)?;
+        started.await.unwrap_or(Err(RunError::WorkerExited))?;
+        workers_done.push(done);
+    }
+
     readiness.set_ready(true);
-    info!(%listen, %identity, gateway = %opts.gateway, "waypoint listening (HBONE)");
-    let handler_proxy = proxy.clone();
-    let handler = move |connect| {
-        let proxy = handler_proxy.clone();
-        async move { crate::inbound::handle(proxy, connect).await }
-    };
+    info!(%listen, %identity, gateway = %opts.gateway, workers = opts.workers.max(1), "waypoint listening (HBONE)");
     server
-        .serve(listener, handler, token.clone().cancelled_owned())
+        .serve(
+            listener,
+            handler_for(proxy.clone()),
+            token.clone().cancelled_owned(),
+        )
         .await;
     readiness.set_ready(false);
+    for done in workers_done {
+        let _ = done.await;
+    }
     for task in admin_tasks {
         let _ = task.await;
     }
     access_log.flush().await;
     info!("waypoint stopped");
     Ok(())
+}
+
+/// The HBONE handler: every CONNECT goes to [`crate::inbound::handle`] with this worker's proxy.
+fn handler_for(proxy: Arc<Proxy>) -> impl hbone::Handler {
+    move |connect| {
+        let proxy = proxy.clone();
+        async move { crate::inbound::handle(proxy, connect).await }
+    }
+}
+
+/// `workers` listening sockets on `addr`; with more than one they share the port through
+/// `SO_REUSEPORT` and the kernel spreads new connections across them. Port 0 is resolved by the
+/// first bind so all workers listen on the same port.
+fn bind_hbone(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, RunError> {
+    use socket2::{Domain, Socket, Type};
+    let bind_err = |source| RunError::Bind {
+        what: "HBONE",
+        addr,
+        source,
+    };
+    let mut addr_now = addr;
+    let mut out = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let socket =
+            Socket::new(Domain::for_address(addr_now), Type::STREAM, None).map_err(bind_err)?;
+        socket.set_reuse_address(true).map_err(bind_err)?;
+        if workers > 1 {
+            socket.set_reuse_port(true).map_err(bind_err)?;
+        }
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        socket.bind(&addr_now.into()).map_err(bind_err)?;
+        socket.listen(1024).map_err(bind_err)?;
+        let listener: std::net::TcpListener = socket.into();
+        if addr_now.port() == 0 {
+            addr_now = listener.local_addr().map_err(bind_err)?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// What one extra HBONE worker thread needs.
+struct Worker {
+    index: usize,
+    opts: Options,
+    store: ConfigStore,
+    identity: SpiffeId,
+    mesh: MeshClient,
+    metrics: Arc<Metrics>,
+    access_log: AccessLogger,
+    server: hbone::Server,
+    shutdown: CancellationToken,
+}
+
+type Started = tokio::sync::oneshot::Receiver<Result<(), RunError>>;
+type Done = tokio::sync::oneshot::Receiver<()>;
+
+impl Worker {
+    /// Starts the thread; `Started` resolves once its proxy is built (or failed to build),
+    /// `Done` once it has drained after shutdown.
+    fn spawn(self, listener: std::net::TcpListener) -> Result<(Started, Done), RunError> {
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("waypoint-worker-{}", self.index))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(RunError::WorkerThread(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let built = Proxy::new(
+                        &self.opts,
+                        self.store,
+                        self.identity,
+                        Some(self.mesh),
+                        self.metrics,
+                        self.access_log,
+                    )
+                    .and_then(|mut proxy| {
+                        proxy.shutdown = self.shutdown.clone();
+                        let listener =
+                            TcpListener::from_std(listener).map_err(|source| RunError::Bind {
+                                what: "HBONE",
+                                addr: self.opts.listen,
+                                source,
+                            })?;
+                        Ok((Arc::new(proxy), listener))
+                    });
+                    let (proxy, listener) = match built {
+                        Ok(b) => {
+                            let _ = started_tx.send(Ok(()));
+                            b
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    self.server
+                        .serve(
+                            listener,
+                            handler_for(proxy),
+                            self.shutdown.cancelled_owned(),
+                        )
+                        .await;
+                });
+                let _ = done_tx.send(());
+            })
+            .map_err(RunError::WorkerThread)?;
+        Ok((started, done))
+    }
 }
 
 #[cfg(test)]
