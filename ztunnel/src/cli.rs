@@ -77,6 +77,11 @@ pub struct RunArgs {
     /// On SIGTERM, how long live connections may go on after listeners closed.
     #[arg(long, default_value_t = 10)]
     pub drain_seconds: u64,
+    /// Runtime worker threads (Istio's ZTUNNEL_WORKER_THREADS, default 2). With 1 everything
+    /// runs on one single-threaded runtime: no cross-thread wake-ups between a connection's
+    /// relay task and its HTTP/2 connection task.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
     /// Lifetime of the workload certificates (renewed at half-life).
     #[arg(long, default_value_t = 24 * 3600)]
     pub cert_ttl_seconds: u64,

@@ -39,9 +39,16 @@ fn offline(result: std::io::Result<bool>) -> ExitCode {
 fn serve(run: ztunnel::RunArgs) -> anyhow::Result<()> {
     let settings = run.settings().map_err(anyhow::Error::msg)?;
     telemetry::init_tracing(run.log_format, &run.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = match run.worker_threads {
+        0 => anyhow::bail!("--worker-threads must be at least 1"),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(ztunnel::run(settings))?;
     Ok(())
 }
