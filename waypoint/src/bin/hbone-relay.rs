@@ -116,7 +116,9 @@ fn main() -> anyhow::Result<()> {
     let routes = parse_routes(&args)?;
     // One thread, like one waypoint worker: the relay shares the bench's two cores with the
     // waypoint, and a single-threaded runtime spends less of them on cross-thread wake-ups.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let ca = Arc::new(CertificateAuthority::load_dir(&args.ca_dir).with_context(|| format!("CA in {}", args.ca_dir.display()))?);
         let ids = IdentityManager::new(ca.clone(), ca.trust_bundle(), Duration::from_secs(24 * 3600));
