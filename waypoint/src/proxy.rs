@@ -477,6 +477,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workers_share_one_port_and_each_accepts() {
+        let listeners = bind_hbone("127.0.0.1:0".parse().unwrap(), 3).expect("bind");
+        assert_eq!(listeners.len(), 3);
+        let port = listeners[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        for l in &listeners {
+            assert_eq!(l.local_addr().unwrap().port(), port);
+        }
+        // The kernel spreads connections over the group by hash; with enough of them every
+        // listener gets some, so none is a dead socket.
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect();
+        let mut accepted = 0;
+        for l in &listeners {
+            let mut got = 0;
+            while l.accept().is_ok() {
+                got += 1;
+            }
+            assert!(got > 0, "a worker's listener accepted nothing");
+            accepted += got;
+        }
+        assert_eq!(accepted, clients.len());
+        // A second group on the same port is refused: one waypoint per port.
+        assert!(matches!(
+            bind_hbone(SocketAddr::from(([127, 0, 0, 1], port)), 1),
+            Err(RunError::Bind { .. })
+        ));
+    }
+
+    #[test]
     fn identity_defaults_to_the_gateway_name() {
         let snap = mesh_config::embedded::default_snapshot().expect("embedded config");
         let gw = NamespacedName::new("istio-egress", "waypoint");
