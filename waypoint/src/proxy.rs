@@ -127,6 +127,7 @@ impl Proxy {
         mesh: Option<MeshClient>,
         metrics: Arc<Metrics>,
         access_log: AccessLogger,
+        shutdown: CancellationToken,
     ) -> Result<Self, RunError> {
         Ok(Proxy {
             store,
@@ -143,7 +144,7 @@ impl Proxy {
             max_buffered_body: opts.max_buffered_body,
             mirror_max_lag: opts.mirror_max_lag.unwrap_or(opts.max_buffered_body),
             http_server: http_server(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             mirrors: Arc::new(Semaphore::new(crate::http::mirror::MAX_IN_FLIGHT)),
         })
     }
@@ -216,42 +217,28 @@ pub async fn run(
     }
     metrics.config_loaded(store.generation());
     let access_log = AccessLogger::stdout().map_err(RunError::AccessLog)?;
-    // Upstream tunnels to mesh workloads present the same workload certificate as the server.
-    let mesh = MeshClient::new(
-        identities.clone(),
-        identity.clone(),
-        &opts.gateway,
-        hbone::Config::default(),
-    );
-    let proxy = Arc::new(Proxy::new(
-        &opts,
-        store.clone(),
-        identity.clone(),
-        Some(mesh),
-        metrics.clone(),
-        access_log.clone(),
-    )?);
-
     let hbone_config = hbone::Config {
         drain_timeout: opts.drain_timeout,
         ..hbone::Config::default()
     };
     let server = hbone::Server::new(&identities, &identity, hbone_config)?;
+    // Shutdown fans out: HBONE drain, HTTP graceful close inside tunnels, admin.
+    let token = CancellationToken::new();
+    let workers = Workers {
+        opts: opts.clone(),
+        store: store.clone(),
+        identities: identities.clone(),
+        identity: identity.clone(),
+        metrics: metrics.clone(),
+        access_log: access_log.clone(),
+        server,
+        shutdown: token.clone(),
+    };
+    let proxy = workers.proxy()?;
     let mut listeners = bind_hbone(opts.listen, opts.workers.max(1))?.into_iter();
-    let listener = listeners
-        .next()
-        .map(TcpListener::from_std)
-        .transpose()
-        .map_err(|source| RunError::Bind {
-            what: "HBONE",
-            addr: opts.listen,
-            source,
-        })?
-        .expect("bind_hbone returns at least one listener");
+    let listener = workers.listener(listeners.next().expect("bind_hbone binds at least one"))?;
     let listen = listener.local_addr().unwrap_or(opts.listen);
 
-    // Shutdown fans out: HBONE drain, HTTP graceful close inside tunnels, admin.
-    let token = proxy.shutdown.clone();
     tokio::spawn({
         let token = token.clone();
         async move {
@@ -312,36 +299,14 @@ pub async fn run(
     // pools, resolver, mesh client); the config store, identities, metrics and log are shared.
     let mut workers_done = Vec::new();
     for (index, listener) in listeners.enumerate() {
-        let worker = Worker {
-            index: index + 1,
-            opts: opts.clone(),
-            store: store.clone(),
-            identity: identity.clone(),
-            mesh: MeshClient::new(
-                identities.clone(),
-                identity.clone(),
-                &opts.gateway,
-                hbone::Config::default(),
-            ),
-            metrics: metrics.clone(),
-            access_log: access_log.clone(),
-            server: server.clone(),
-            shutdown: token.clone(),
-        };
-        let (started, done) = worker.spawn(listener)?;
+        let (started, done) = workers.clone().spawn(index + 1, listener)?;
         started.await.unwrap_or(Err(RunError::WorkerExited))?;
         workers_done.push(done);
     }
 
     readiness.set_ready(true);
     info!(%listen, %identity, gateway = %opts.gateway, workers = opts.workers.max(1), "waypoint listening (HBONE)");
-    server
-        .serve(
-            listener,
-            handler_for(proxy.clone()),
-            token.clone().cancelled_owned(),
-        )
-        .await;
+    workers.serve(listener, proxy).await;
     readiness.set_ready(false);
     for done in workers_done {
         let _ = done.await;
@@ -393,13 +358,13 @@ fn bind_hbone(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListe
     Ok(out)
 }
 
-/// What one extra HBONE worker thread needs.
-struct Worker {
-    index: usize,
+/// What every HBONE worker shares; each builds its own [`Proxy`] from it.
+#[derive(Clone)]
+struct Workers {
     opts: Options,
     store: ConfigStore,
+    identities: IdentityManager,
     identity: SpiffeId,
-    mesh: MeshClient,
     metrics: Arc<Metrics>,
     access_log: AccessLogger,
     server: hbone::Server,
@@ -409,14 +374,58 @@ struct Worker {
 type Started = tokio::sync::oneshot::Receiver<Result<(), RunError>>;
 type Done = tokio::sync::oneshot::Receiver<()>;
 
-impl Worker {
-    /// Starts the thread; `Started` resolves once its proxy is built (or failed to build),
-    /// `Done` once it has drained after shutdown.
-    fn spawn(self, listener: std::net::TcpListener) -> Result<(Started, Done), RunError> {
+impl Workers {
+    /// A worker's own proxy (inside its runtime): its upstream pools, resolver and mesh client.
+    fn proxy(&self) -> Result<Arc<Proxy>, RunError> {
+        // Upstream tunnels to mesh workloads present the same workload certificate as the server.
+        let mesh = MeshClient::new(
+            self.identities.clone(),
+            self.identity.clone(),
+            &self.opts.gateway,
+            hbone::Config::default(),
+        );
+        Ok(Arc::new(Proxy::new(
+            &self.opts,
+            self.store.clone(),
+            self.identity.clone(),
+            Some(mesh),
+            self.metrics.clone(),
+            self.access_log.clone(),
+            self.shutdown.clone(),
+        )?))
+    }
+
+    /// Registers a bound listener with the current runtime.
+    fn listener(&self, listener: std::net::TcpListener) -> Result<TcpListener, RunError> {
+        TcpListener::from_std(listener).map_err(|source| RunError::Bind {
+            what: "HBONE",
+            addr: self.opts.listen,
+            source,
+        })
+    }
+
+    /// Serves CONNECTs on `listener` with `proxy` until shutdown, then drains.
+    async fn serve(&self, listener: TcpListener, proxy: Arc<Proxy>) {
+        self.server
+            .serve(
+                listener,
+                handler_for(proxy),
+                self.shutdown.clone().cancelled_owned(),
+            )
+            .await;
+    }
+
+    /// Starts worker `index` on its own thread; `Started` resolves once its proxy is built (or
+    /// failed to build), `Done` once it has drained after shutdown.
+    fn spawn(
+        self,
+        index: usize,
+        listener: std::net::TcpListener,
+    ) -> Result<(Started, Done), RunError> {
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
-            .name(format!("waypoint-worker-{}", self.index))
+            .name(format!("waypoint-worker-{index}"))
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -429,41 +438,18 @@ impl Worker {
                     }
                 };
                 runtime.block_on(async move {
-                    let built = Proxy::new(
-                        &self.opts,
-                        self.store,
-                        self.identity,
-                        Some(self.mesh),
-                        self.metrics,
-                        self.access_log,
-                    )
-                    .and_then(|mut proxy| {
-                        proxy.shutdown = self.shutdown.clone();
-                        let listener =
-                            TcpListener::from_std(listener).map_err(|source| RunError::Bind {
-                                what: "HBONE",
-                                addr: self.opts.listen,
-                                source,
-                            })?;
-                        Ok((Arc::new(proxy), listener))
-                    });
-                    let (proxy, listener) = match built {
-                        Ok(b) => {
+                    let built = self
+                        .proxy()
+                        .and_then(|proxy| Ok((proxy, self.listener(listener)?)));
+                    match built {
+                        Ok((proxy, listener)) => {
                             let _ = started_tx.send(Ok(()));
-                            b
+                            self.serve(listener, proxy).await;
                         }
                         Err(e) => {
                             let _ = started_tx.send(Err(e));
-                            return;
                         }
-                    };
-                    self.server
-                        .serve(
-                            listener,
-                            handler_for(proxy),
-                            self.shutdown.cancelled_owned(),
-                        )
-                        .await;
+                    }
                 });
                 let _ = done_tx.send(());
             })
