@@ -1,8 +1,12 @@
 //! HBONE loopback benchmark: tunnel vs plain TLS vs plain TCP, latency, 100 streams vs 1, and
 //! a flow-control window sweep. Run with `scripts/bench-hbone` (release build).
 //!
-//! Everything runs in one process on a 2-worker tokio runtime: client, server and sinks share
-//! the machine's cores, as a node-local ztunnel would.
+//! One process, two threads, each running a single-threaded tokio runtime: one is the client
+//! side (the app writing, the HBONE client or TLS client, the outbound proxies), the other the
+//! server side (HBONE server, TLS server, sinks, the inbound proxies). That is two proxies on a
+//! 2-core node (ztunnel and a waypoint each run per-thread runtimes); the only hand-offs between
+//! threads go through sockets, as between processes. `--shared-runtime` puts both sides on one
+//! 2-worker work-stealing runtime instead, for comparison.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use hbone::{Client, Config, IncomingConnect, Server, TunnelRequest};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 
 const CHUNK: usize = 256 * 1024;
 const MIB: u64 = 1024 * 1024;
@@ -36,6 +41,8 @@ struct Args {
     streams_per_conn: Option<usize>,
     /// Raise glibc's trim threshold (as the binaries should); off with --glibc-default.
     tune_malloc: bool,
+    /// Client and server on one 2-worker multi-thread runtime instead of a thread each.
+    shared_runtime: bool,
 }
 
 fn args() -> Args {
@@ -49,6 +56,7 @@ fn args() -> Args {
         tune_malloc: true,
         conn_window: None,
         streams_per_conn: None,
+        shared_runtime: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,13 +66,14 @@ fn args() -> Args {
             "--pings" => a.pings = it.next().and_then(|v| v.parse().ok()).unwrap_or(20_000),
             "--no-sweep" => a.sweep = false,
             "--glibc-default" => a.tune_malloc = false,
+            "--shared-runtime" => a.shared_runtime = true,
             "--streams-per-conn" => a.streams_per_conn = it.next().and_then(|v| v.parse().ok()),
             "--conn-window-kib" => a.conn_window = it.next().and_then(|v| v.parse().ok()),
             "--only" => a.only = it.next(),
             "--send-buffer-kib" => a.send_buffer = it.next().and_then(|v| v.parse().ok()),
             other => {
                 eprintln!(
-                    "usage: hbone_bench [--size-mib N] [--reps N] [--pings N] [--no-sweep] [--only tcp|tls|tunnel|tls-proxy|hbone-proxy|hundred] [--send-buffer-kib N] [--glibc-default] [--conn-window-kib N] [--streams-per-conn N] (got {other})"
+                    "usage: hbone_bench [--size-mib N] [--reps N] [--pings N] [--no-sweep] [--only tcp|tls|tunnel|tls-proxy|hbone-proxy|hundred] [--send-buffer-kib N] [--glibc-default] [--shared-runtime] [--conn-window-kib N] [--streams-per-conn N] (got {other})"
                 );
                 std::process::exit(2);
             }
@@ -75,11 +84,56 @@ fn args() -> Args {
 
 fn main() -> io::Result<()> {
     let args = args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    if args.shared_runtime {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let server = rt.handle().clone();
+        return rt.block_on(run(args, server));
+    }
+    // The server side: its own thread and runtime, alive until the process exits.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(rt.handle().clone()));
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    let server = rx.recv().map_err(io::Error::other)??;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, server))
+}
+
+/// Binds a loopback listener and runs `serve` on it in runtime `rt`.
+fn listen_on<F, Fut>(rt: &Handle, serve: F) -> io::Result<SocketAddr>
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let addr = l.local_addr()?;
+    rt.spawn(async move {
+        // from_std registers the socket with the reactor of the runtime it runs in.
+        match TcpListener::from_std(l) {
+            Ok(l) => serve(l).await,
+            Err(e) => eprintln!("bench listener {addr}: {e}"),
+        }
+    });
+    Ok(addr)
 }
 
 fn id(sa: &str) -> SpiffeId {
@@ -225,20 +279,21 @@ where
     let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await;
 }
 
-async fn fixture(identities: &IdentityManager, config: Config) -> io::Result<Fixture> {
-    let tcp_l = TcpListener::bind("127.0.0.1:0").await?;
-    let tcp = tcp_l.local_addr()?;
-    tokio::spawn(serve_tcp(tcp_l, false));
+async fn fixture(
+    identities: &IdentityManager,
+    config: Config,
+    server_rt: &Handle,
+) -> io::Result<Fixture> {
+    let client_rt = Handle::current();
+    let tcp = listen_on(server_rt, |l| serve_tcp(l, false))?;
 
     // Plain TLS with exactly HBONE's configs (TLS 1.3, same suites, same certificates).
-    let tls_l = TcpListener::bind("127.0.0.1:0").await?;
-    let tls = tls_l.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(
         identities
             .server_config(&id("server"))
             .map_err(io::Error::other)?,
     );
-    tokio::spawn(async move {
+    let tls = listen_on(server_rt, |tls_l| async move {
         while let Ok((s, _)) = tls_l.accept().await {
             let _ = s.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -259,31 +314,27 @@ async fn fixture(identities: &IdentityManager, config: Config) -> io::Result<Fix
                 };
             });
         }
-    });
+    })?;
     let tls_client = identities
         .client_config(&id("client"), &[id("server")])
         .map_err(io::Error::other)?;
 
-    let hbone_l = TcpListener::bind("127.0.0.1:0").await?;
-    let hbone = hbone_l.local_addr()?;
     let server =
         Server::new(identities, &id("server"), config.clone()).map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        server
+    let hbone = listen_on(server_rt, |hbone_l| async move {
+        let _ = server
             .serve(hbone_l, hbone_handler, std::future::pending())
-            .await
-    });
+            .await;
+    })?;
     let client = Client::new(identities.clone(), config);
 
     // TLS proxy pair: app -> [tls_proxy] -> TLS -> [tls_fwd] -> tcp sink.
-    let fwd_l = TcpListener::bind("127.0.0.1:0").await?;
-    let tls_fwd = fwd_l.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(
         identities
             .server_config(&id("server"))
             .map_err(io::Error::other)?,
     );
-    tokio::spawn(async move {
+    let tls_fwd = listen_on(server_rt, move |fwd_l| async move {
         while let Ok((s, _)) = fwd_l.accept().await {
             let _ = s.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -298,11 +349,9 @@ async fn fixture(identities: &IdentityManager, config: Config) -> io::Result<Fix
                 copy_plain(s, up).await;
             });
         }
-    });
-    let out_l = TcpListener::bind("127.0.0.1:0").await?;
-    let tls_proxy = out_l.local_addr()?;
+    })?;
     let connector = tokio_rustls::TlsConnector::from(tls_client.clone());
-    tokio::spawn(async move {
+    let tls_proxy = listen_on(&client_rt, move |out_l| async move {
         while let Ok((app, _)) = out_l.accept().await {
             let _ = app.set_nodelay(true);
             let connector = connector.clone();
@@ -318,13 +367,11 @@ async fn fixture(identities: &IdentityManager, config: Config) -> io::Result<Fix
                 copy_plain(app, s).await;
             });
         }
-    });
+    })?;
 
     // HBONE proxy: app -> [hbone_proxy] -> tunnel -> [server handler] -> tcp sink.
-    let out_l = TcpListener::bind("127.0.0.1:0").await?;
-    let hbone_proxy = out_l.local_addr()?;
     let proxy_client = client.clone();
-    tokio::spawn(async move {
+    let hbone_proxy = listen_on(&client_rt, move |out_l| async move {
         while let Ok((mut app, _)) = out_l.accept().await {
             let _ = app.set_nodelay(true);
             let client = proxy_client.clone();
@@ -336,7 +383,7 @@ async fn fixture(identities: &IdentityManager, config: Config) -> io::Result<Fix
                 let _ = hbone::copy_bidirectional(&mut tunnel, &mut app).await;
             });
         }
-    });
+    })?;
 
     Ok(Fixture {
         tcp,
@@ -423,7 +470,7 @@ fn ratio(name: &str, ours: Sample, base: Sample, target: &str) {
     );
 }
 
-async fn run(args: Args) -> io::Result<()> {
+async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
     let total = Instant::now();
     let ca = Arc::new(CertificateAuthority::generate("cluster.local").map_err(io::Error::other)?);
     let identities = IdentityManager::new(ca.clone(), ca.trust_bundle(), Duration::from_secs(3600));
@@ -437,7 +484,7 @@ async fn run(args: Args) -> io::Result<()> {
     if let Some(kib) = args.conn_window {
         config.connection_window = kib * 1024;
     }
-    let fx = fixture(&identities, config).await?;
+    let fx = fixture(&identities, config, &server_rt).await?;
     let size = args.size;
     let reps = args.reps.max(1);
     if let Some(only) = &args.only {
@@ -461,8 +508,13 @@ async fn run(args: Args) -> io::Result<()> {
         return Ok(());
     }
     println!(
-        "HBONE loopback benchmark: {} MiB per run, median of {reps} runs, one process, 2 tokio workers",
-        size / MIB
+        "HBONE loopback benchmark: {} MiB per run, median of {reps} runs, one process, {}",
+        size / MIB,
+        if args.shared_runtime {
+            "client and server on one 2-worker runtime"
+        } else {
+            "client and server each on a single-threaded runtime of its own"
+        }
     );
     println!(
         "CPU-ns/byte is process CPU time (client + server) per byte: robust to other load on the box."
@@ -514,7 +566,7 @@ async fn run(args: Args) -> io::Result<()> {
     println!();
 
     // --- latency ---
-    let tcp_h = ping_pong(fx.tcp_echo().await?, args.pings).await?;
+    let tcp_h = ping_pong(fx.tcp_echo(&server_rt).await?, args.pings).await?;
     let tls_h = ping_pong(fx.tls(ECHO).await?, args.pings).await?;
     let tun_h = ping_pong(fx.tunnel(ECHO).await?, args.pings).await?;
     println!("1-byte ping-pong round trip ({} samples)", args.pings);
@@ -567,7 +619,7 @@ async fn run(args: Args) -> io::Result<()> {
                 max_send_buffer: stream as usize,
                 ..Config::default()
             };
-            let fx = fixture(&identities, config).await?;
+            let fx = fixture(&identities, config, &server_rt).await?;
             let mut runs = Vec::new();
             for _ in 0..reps {
                 runs.push(measure(async { blast(fx.tunnel(SINK).await?, size / 2).await }).await?);
@@ -604,11 +656,9 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 impl Fixture {
-    async fn tcp_echo(&self) -> io::Result<TcpStream> {
+    async fn tcp_echo(&self, server_rt: &Handle) -> io::Result<TcpStream> {
         // A dedicated echo listener, started on first use.
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = l.local_addr()?;
-        tokio::spawn(serve_tcp(l, true));
+        let addr = listen_on(server_rt, |l| serve_tcp(l, true))?;
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         Ok(s)

@@ -89,12 +89,21 @@ fn latency(target: SocketAddr, rate: f64, conns: usize, secs: Duration) -> io::R
                 let offset = interval.mul_f64(c as f64 / conns as f64);
                 for i in 0..count {
                     let due = start + offset + interval.mul_f64(i as f64);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
+                    // Open loop without coordinated omission: a request sent late because the
+                    // previous answer came late is timed from when it was due. A request whose
+                    // sender slept is timed from when the sender woke: how late this VM wakes a
+                    // sleeping thread (often hundreds of µs) is the load generator's delay, not
+                    // the path's, and would otherwise swamp the figure being measured.
+                    let sent = match due.checked_duration_since(Instant::now()) {
+                        Some(wait) => {
+                            std::thread::sleep(wait);
+                            Instant::now()
+                        }
+                        None => due,
+                    };
                     s.write_all(&msg)?;
                     s.read_exact(&mut back)?;
-                    let _ = hist.record(due.elapsed().as_micros() as u64);
+                    let _ = hist.record(sent.elapsed().as_micros() as u64);
                 }
                 Ok(hist)
             })
