@@ -1,12 +1,16 @@
 //! Helpers shared by the outbound and inbound paths: resets, byte counting, plain TCP splicing.
 
+use std::future::Future;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::Span;
 
 /// Closes `stream` with a TCP reset (SO_LINGER 0) so the client fails at once instead of
 /// reading a clean EOF it could mistake for an empty answer.
@@ -55,15 +59,6 @@ impl<'a, S> Counted<'a, S> {
         }
     }
 
-    /// The destination's stream (inbound: the application): the other way round.
-    pub(crate) fn destination(inner: S, counts: &'a ByteCounts) -> Self {
-        Counted {
-            inner,
-            reads: &counts.received,
-            writes: &counts.sent,
-        }
-    }
-
     pub(crate) fn into_inner(self) -> S {
         self.inner
     }
@@ -102,6 +97,151 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream that counts the bytes read from it and written to it, in itself: for the tunnel
+/// splices, which borrow it, so the counts are still there when a copy fails or is cancelled
+/// half-way. No counters beside it and no references to them: 24 bytes less than [`Counted`]
+/// in every idle connection's task.
+pub(crate) struct Tallied<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Tallied<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Tallied {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+
+    /// Bytes read from the stream so far.
+    pub(crate) fn read(&self) -> u64 {
+        self.read
+    }
+
+    /// Bytes written to the stream so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tallied<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += buf.filled().len().saturating_sub(before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tallied<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written += *n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A future polled (and dropped) inside its span, as with [`tracing::Instrument`], but holding
+/// the span boxed and only when it is enabled: 8 bytes where `Instrumented` takes 40, in every
+/// connection's task, and a span is disabled unless the log level shows it.
+pub(crate) struct InSpan<F> {
+    inner: ManuallyDrop<F>,
+    span: Option<Box<Span>>,
+}
+
+impl<F> InSpan<F> {
+    pub(crate) fn new(inner: F, span: Span) -> Self {
+        InSpan {
+            inner: ManuallyDrop::new(inner),
+            span: (!span.is_disabled()).then(|| Box::new(span)),
+        }
+    }
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `inner` is structurally pinned: it is never moved (only dropped in place, in
+        // `drop`), and `InSpan` is `Unpin` only when `F` is.
+        let this = unsafe { self.get_unchecked_mut() };
+        let _entered = this.span.as_deref().map(Span::enter);
+        // SAFETY: see above; `this` came from a pinned reference.
+        unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+    }
+}
+
+impl<F> Drop for InSpan<F> {
+    fn drop(&mut self) {
+        // Like `Instrumented`: what the future does while dropped is logged in its span.
+        let _entered = self.span.as_deref().map(Span::enter);
+        // SAFETY: dropped in place, once; `inner` is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.inner) }
+    }
+}
+
+/// Runs `future` until `token` is cancelled: `None` if the token won. A plain future in place
+/// of `tokio::select!`, whose tuple, flags and closure took 32 more bytes in every idle
+/// connection's task. When both are ready, the future's result wins.
+pub(crate) fn until_cancelled<F: Future>(
+    future: F,
+    token: &CancellationToken,
+) -> UntilCancelled<'_, F> {
+    UntilCancelled {
+        future,
+        cancelled: token.cancelled(),
+    }
+}
+
+pub(crate) struct UntilCancelled<'a, F> {
+    future: F,
+    cancelled: WaitForCancellationFuture<'a>,
+}
+
+impl<F: Future> Future for UntilCancelled<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: both fields are structurally pinned: never moved out, no `Drop` impl, and
+        // the struct is `Unpin` only when both are.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: as above.
+        if let Poll::Ready(output) = unsafe { Pin::new_unchecked(&mut this.future) }.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        // SAFETY: as above.
+        match unsafe { Pin::new_unchecked(&mut this.cancelled) }.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -158,6 +298,39 @@ mod tests {
         let (spliced, counts) = task.await.expect("join");
         spliced.expect("splice ok");
         assert_eq!((counts.sent(), counts.received()), (5, 6));
+    }
+
+    #[tokio::test]
+    async fn tallied_counts_both_ways() {
+        let (mut peer, ours) = tokio::io::duplex(64);
+        let mut ours = Tallied::new(ours);
+        peer.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        ours.read_exact(&mut buf).await.expect("read");
+        ours.write_all(b"abc").await.expect("write back");
+        assert_eq!((ours.read(), ours.written()), (5, 3));
+        let mut back = [0u8; 3];
+        peer.read_exact(&mut back).await.expect("read back");
+        assert_eq!(&back, b"abc");
+    }
+
+    #[tokio::test]
+    async fn until_cancelled_prefers_the_result_and_stops_on_cancel() {
+        let token = CancellationToken::new();
+        assert_eq!(until_cancelled(async { 7 }, &token).await, Some(7));
+        let pending = until_cancelled(std::future::pending::<()>(), &token);
+        token.cancel();
+        assert_eq!(pending.await, None);
+        // Both ready: the future's result wins.
+        assert_eq!(until_cancelled(async { 8 }, &token).await, Some(8));
+    }
+
+    #[tokio::test]
+    async fn in_span_holds_no_disabled_span() {
+        // No subscriber here: the span is disabled, and nothing is kept for it.
+        let wrapped = InSpan::new(async { 9 }, tracing::info_span!("test"));
+        assert!(wrapped.span.is_none());
+        assert_eq!(wrapped.await, 9);
     }
 
     #[tokio::test]

@@ -17,9 +17,9 @@ use mesh_config::authz::Decision;
 use mesh_config::{RequestAttrs, Snapshot, Workload};
 use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, info_span, warn};
 
-use crate::conn::{ByteCounts, Counted, reset, splice_tcp};
+use crate::conn::{ByteCounts, InSpan, Tallied, reset, splice_tcp, until_cancelled};
 use crate::metrics::{ConnTrace, Peer};
 use crate::outbound::canonical;
 use crate::pods::PodCtx;
@@ -78,7 +78,7 @@ fn source_peer(snap: &Snapshot, source_ip: IpAddr, principal: Option<&str>) -> P
     let by_ip = snap.workload_by_ip(source_ip);
     match (by_ip, principal) {
         (Some(w), Some(p)) if w.identity.to_string() == p => Peer::Workload(w.clone()),
-        (_, Some(p)) => Peer::Principal(p.into()),
+        (_, Some(p)) => Peer::principal_only(p),
         // Unauthenticated: the workload is a guess from the address, never a principal.
         (Some(w), None) => Peer::Unauthenticated(w.clone()),
         (None, None) => Peer::Unknown,
@@ -130,7 +130,7 @@ impl hbone::Handler for InboundHandler {
         let meta = connect.meta();
         let span =
             info_span!("inbound", src = %canonical(meta.remote_addr), peer = %meta.peer_identity);
-        handle_connect(self.ctx.clone(), Box::new(connect)).instrument(span)
+        InSpan::new(handle_connect(self.ctx.clone(), Box::new(connect)), span)
     }
 }
 
@@ -141,29 +141,24 @@ impl hbone::Handler for InboundHandler {
 /// An `async fn`'s arguments stay in its future to the end, hence the CONNECT in a box, which
 /// the set-up consumes.
 pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: Box<hbone::IncomingConnect>) {
-    let Some((mut tunnel, mut app, trace)) = Box::pin(set_up(&ctx, connect)).await else {
+    let Some((mut tunnel, app, trace)) = Box::pin(set_up(&ctx, connect)).await else {
         return;
     };
-    let counts = ByteCounts::default();
-    // Towards the application is what the client sent.
-    let mut counted = Counted::destination(&mut app, &counts);
-    let copied = tokio::select! {
-        copied = hbone::copy_bidirectional(&mut tunnel, &mut counted) => copied.map_err(|e| e.to_string()),
-        () = ctx.force.cancelled() => Err("drain period over".to_owned()),
+    // Written to the application is what the client sent, read from it what it received.
+    let mut app = Tallied::new(app);
+    let copy = hbone::copy_bidirectional(&mut tunnel, &mut app);
+    let copied = match until_cancelled(copy, &ctx.force).await {
+        Some(copied) => copied.map_err(|e| e.to_string()),
+        None => Err("drain period over".to_owned()),
     };
+    let (sent, received) = (app.written(), app.read());
     match copied {
-        Ok(_) => trace.finish(
-            counts.sent(),
-            counts.received(),
-            ConnectionOutcome::Success,
-            None,
-            None,
-        ),
+        Ok(_) => trace.finish(sent, received, ConnectionOutcome::Success, None, None),
         Err(error) => {
-            reset(app);
+            reset(app.into_inner());
             trace.finish(
-                counts.sent(),
-                counts.received(),
+                sent,
+                received,
                 ConnectionOutcome::Failed,
                 Some(ResponseFlag::UpstreamConnectionTermination),
                 Some(error),
@@ -290,7 +285,7 @@ pub(crate) async fn serve_plaintext(ctx: Arc<PodCtx>, listener: TcpListener) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let span = info_span!("inbound_plaintext", src = %canonical(peer));
-                    ctx.spawn_conn(handle_plaintext(ctx.clone(), stream, canonical(peer)).instrument(span));
+                    ctx.spawn_conn(InSpan::new(handle_plaintext(ctx.clone(), stream, canonical(peer)), span));
                 }
                 Err(error) => {
                     warn!(%error, "plaintext inbound accept failed");
