@@ -1,5 +1,6 @@
 //! The waypoint's upstream side and lifecycle: TLS origination failures (bad certificate, SAN
-//! mismatch), connect failures, HTTP/2 downstream, metrics, and draining on SIGTERM.
+//! mismatch), connect failures, mutual TLS origination with a client certificate from a Secret
+//! (`credentialName`), HTTP/2 downstream, metrics, and draining on SIGTERM.
 
 mod waypoint_lab;
 
@@ -141,6 +142,106 @@ fn tls_origination_failures_and_connect_failures() {
         assert!(field(&e, "response_flags").contains("UF"), "{e}");
         assert!(field(&e, "response_flags").contains("URX"), "{e}");
         assert_eq!(field(&e, "upstream_host"), "203.0.113.13:81");
+        Ok(())
+    });
+}
+
+/// Istio's egress "mutual TLS origination": the client certificate, key and CA come from a
+/// Secret named by `credentialName`, in the waypoint's namespace.
+const MTLS_UPSTREAM: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mtls, namespace: istio-egress}
+spec:
+  hosts: [mtls.example]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mtls, namespace: istio-egress}
+spec:
+  host: mtls.example
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 80}
+      tls: {mode: MUTUAL, credentialName: mtls-client, sni: mtls.example}
+"#;
+
+#[test]
+fn mutual_tls_origination_with_credential_name() {
+    if !lab_enabled() {
+        return;
+    }
+    lab_test(|| {
+        let lab = WaypointLab::start(LabConfig::new(MTLS_UPSTREAM, &["mtls.example:80"]))?;
+
+        // No Secret yet: 503 UF before any connection, never plaintext or certificate-less.
+        let out = lab.curl(0, "http://mtls.example/", &[])?;
+        assert_eq!(out.status, 503, "{out:?}");
+        assert!(
+            out.body_text().contains("Secret is not supplied by SDS"),
+            "{}",
+            out.body_text()
+        );
+        let e = lab.wait_log(0, |e| field(e, "authority") == "mtls.example")?;
+        assert!(field(&e, "response_flags").contains("UF"), "{e}");
+        let reason = field(&e, "upstream_transport_failure_reason");
+        for want in [
+            "Secret is not supplied by SDS",
+            "DestinationRule istio-egress/mtls",
+            "portLevelSettings[0].tls.credentialName",
+            "Secret istio-egress/mtls-client not found",
+        ] {
+            assert!(reason.contains(want), "{want:?} missing: {e}");
+        }
+        assert!(
+            !lab.nginx_log().contains("203.0.113.15:443"),
+            "nothing reached the server: {}",
+            lab.nginx_log()
+        );
+        let dump = lab.admin("/config_dump")?;
+        assert!(
+            dump.contains("credential_warnings") && dump.contains("mtls-client not found"),
+            "the snapshot records the unusable credentialName: {dump}"
+        );
+
+        // The Secret arrives in the config directory (kubernetes.io/tls, base64 `data`): the
+        // next snapshot carries it and nginx accepts the client certificate.
+        let key_b64 = lab.pki_base64("client.key")?;
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: mtls-client, namespace: istio-egress}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {key_b64}\n  ca.crt: {}\n",
+            lab.pki_base64("client.pem")?,
+            lab.pki_base64("ca.pem")?,
+        );
+        std::fs::write(lab.config.path().join("secret.yaml"), secret)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let out = loop {
+            let out = lab.curl(0, "http://mtls.example/", &[])?;
+            if out.status == 200 || Instant::now() > deadline {
+                break out;
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(out.status, 200, "{out:?}\n{}", lab.waypoint.log());
+        assert!(
+            out.body_text().starts_with("mtls-ok ")
+                && out.body_text().contains("CN=waypoint-egress-client"),
+            "nginx verified the client certificate: {}",
+            out.body_text()
+        );
+        lab.wait_nginx(&["203.0.113.15:443", "\"mtls.example\"", "status=200"])?;
+
+        // Key material stays out of the dump and the logs.
+        let dump = lab.admin("/config_dump")?;
+        assert!(dump.contains("istio-egress/mtls-client"), "{dump}");
+        assert!(!dump.contains("mtls-client not found"), "{dump}");
+        let log = lab.waypoint.log();
+        for text in [&dump, &log] {
+            assert!(!text.contains("PRIVATE KEY"));
+            let middle = key_b64.len() / 2;
+            assert!(!text.contains(&key_b64[middle..middle + 24]));
+        }
         Ok(())
     });
 }

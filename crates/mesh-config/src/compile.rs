@@ -67,6 +67,20 @@ pub fn compile(res: &Resources, errors: &mut Vec<ConfigError>) -> Snapshot {
             e.push(format!("metadata.annotations.{k}"), msg);
         }
     }
+    // ---- secrets (TLS material only, for DestinationRule credentialName)
+    for s in &res.secrets {
+        let mut e = ObjErrors {
+            source: &s.source,
+            kind: "Secret",
+            object: s.display_name(),
+            out: errors,
+        };
+        let tls = crate::secret::decode(&s.value, &mut e);
+        snap.secrets.insert(
+            NamespacedName::new(s.namespace.clone(), s.name.clone()),
+            Arc::new(tls),
+        );
+    }
     let empty_labels = Labels::new();
 
     // ---- ASMEgressTrafficPolicy → primitives
@@ -638,7 +652,36 @@ pub fn compile(res: &Resources, errors: &mut Vec<ConfigError>) -> Snapshot {
         }
         snap.workloads.push(w);
     }
+    snap.credential_warnings = credential_warnings(&snap);
     snap
+}
+
+/// `credentialName`s that a waypoint serving the rule's host cannot use. Not errors: the Secret
+/// may arrive later, and meanwhile connections with the rule fail closed (503 UF).
+fn credential_warnings(snap: &Snapshot) -> Vec<crate::secret::CredentialWarning> {
+    let mut found = BTreeSet::new();
+    for s in &snap.services {
+        let Some(w) = s.waypoint.waypoint() else {
+            continue;
+        };
+        let Some(p) = snap.destination_policy(&s.hostname) else {
+            continue;
+        };
+        for tls in p.tls_settings() {
+            if let Some(Err(err)) = snap.tls_credential(&w.name.namespace, tls) {
+                found.insert(crate::secret::CredentialWarning {
+                    rule: p.rule.clone(),
+                    field: tls.credential_path.clone().unwrap_or_default(),
+                    waypoint: w.name.clone(),
+                    message: err.to_string(),
+                });
+            }
+        }
+    }
+    for w in &found {
+        warn!(warning = %w, "credentialName cannot be used; connections with this rule fail closed");
+    }
+    found.into_iter().collect()
 }
 
 enum Target {

@@ -17,6 +17,7 @@ pub mod load;
 pub mod model;
 pub mod policy;
 pub mod route;
+pub mod secret;
 pub mod snapshot;
 pub mod store;
 pub mod vip;
@@ -28,6 +29,7 @@ pub use capture::CaptureScope;
 pub use error::{ConfigError, LoadErrors};
 pub use policy::{ClientTls, DestinationPolicy, TlsMode};
 pub use route::{HttpRequestInfo, L4Info, RouteAction, ServiceRoutes};
+pub use secret::{CredentialError, CredentialWarning, Pem, TlsCredential};
 pub use snapshot::{
     AddressMatch, Controller, Identity, NamespacedName, OutboundTrafficPolicy, Protocol, Service,
     ServicePort, Snapshot, Waypoint, WaypointBinding, Workload,

@@ -24,6 +24,7 @@ pub enum Kind {
     Service,
     Pod,
     ConfigMap,
+    Secret,
     ServiceEntry,
     DestinationRule,
     VirtualService,
@@ -40,6 +41,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Pod => "Pod",
             Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
@@ -66,6 +68,7 @@ impl Kind {
             ("", "Service") => (Kind::Service, &["v1"]),
             ("", "Pod") => (Kind::Pod, &["v1"]),
             ("", "ConfigMap") => (Kind::ConfigMap, &["v1"]),
+            ("", "Secret") => (Kind::Secret, &["v1"]),
             ("networking.istio.io", "ServiceEntry") => {
                 (Kind::ServiceEntry, &["v1", "v1beta1", "v1alpha3"])
             }
@@ -141,6 +144,8 @@ pub struct Resources {
     pub services: Vec<Object<core::Service>>,
     pub pods: Vec<Object<core::Pod>>,
     pub config_maps: Vec<Object<core::ConfigMap>>,
+    /// Only TLS material is read from them (DestinationRule `credentialName`).
+    pub secrets: Vec<Object<core::Secret>>,
     pub service_entries: Vec<Object<ServiceEntry>>,
     pub destination_rules: Vec<Object<DestinationRule>>,
     pub virtual_services: Vec<Object<VirtualService>>,
@@ -447,6 +452,7 @@ enum Typed {
     Service(core::Service),
     Pod(core::Pod),
     ConfigMap(core::ConfigMap),
+    Secret(core::Secret),
     ServiceEntry(ServiceEntry),
     DestinationRule(DestinationRule),
     VirtualService(VirtualService),
@@ -670,6 +676,7 @@ fn stage_object(
         Kind::Service => typed!(core::Service, Service),
         Kind::Pod => typed!(core::Pod, Pod),
         Kind::ConfigMap => typed!(core::ConfigMap, ConfigMap),
+        Kind::Secret => typed!(core::Secret, Secret),
         Kind::ServiceEntry => typed!(ServiceEntry, ServiceEntry),
         Kind::DestinationRule => typed!(DestinationRule, DestinationRule),
         Kind::VirtualService => typed!(VirtualService, VirtualService),
@@ -739,6 +746,7 @@ impl Seen {
             Typed::Service(v) => put!(services, v),
             Typed::Pod(v) => put!(pods, v),
             Typed::ConfigMap(v) => put!(config_maps, v),
+            Typed::Secret(v) => put!(secrets, v),
             Typed::ServiceEntry(v) => put!(service_entries, v),
             Typed::DestinationRule(v) => put!(destination_rules, v),
             Typed::VirtualService(v) => put!(virtual_services, v),
@@ -915,6 +923,7 @@ mod tests {
             ("v1", "Pod", Ok(Some(Kind::Pod))),
             ("apps/v1", "Deployment", Ok(None)),
             ("v1", "ServiceAccount", Ok(None)),
+            ("v1", "Secret", Ok(Some(Kind::Secret))),
             ("networking.istio.io/v1", "Gateway", Ok(None)),
         ];
         for (av, k, want) in cases {

@@ -31,7 +31,13 @@ pub struct ClientTls {
     pub ca_certificates: Option<PathBuf>,
     pub client_certificate: Option<PathBuf>,
     pub private_key: Option<PathBuf>,
+    /// A Secret holding the certificates (`tls.crt` / `tls.key` / `ca.crt`, or `cert` / `key` /
+    /// `cacert`), in the namespace of the waypoint that applies the rule; resolved per waypoint
+    /// with [`crate::secret::resolve_credential`]. Wins over the file paths.
     pub credential_name: Option<String>,
+    /// Where `credential_name` was written (`spec.trafficPolicy.tls.credentialName`), for
+    /// messages about an unusable Secret.
+    pub credential_path: Option<String>,
     /// Accept the server only if a SAN matches one of these (`None`-empty = verify the host).
     pub subject_alt_names: Vec<String>,
     pub insecure_skip_verify: bool,
@@ -144,6 +150,14 @@ pub struct ResolvedTraffic<'a> {
 impl DestinationPolicy {
     pub fn subset(&self, name: &str) -> Option<&SubsetPolicy> {
         self.subsets.iter().find(|s| s.name == name)
+    }
+
+    /// Every `tls` setting of the rule (rule-wide, port-level, subsets).
+    pub fn tls_settings(&self) -> impl Iterator<Item = &ClientTls> {
+        std::iter::once(&self.policy)
+            .chain(self.subsets.iter().map(|s| &s.policy))
+            .flat_map(|l| std::iter::once(&l.default).chain(l.ports.values()))
+            .filter_map(|t| t.tls.as_ref())
     }
 
     pub fn resolve(&self, port: u16, subset: Option<&str>) -> ResolvedTraffic<'_> {
@@ -295,24 +309,24 @@ fn client_tls(t: &m::ClientTlsSettings, path: &str, e: &mut ObjErrors<'_>) -> Op
             return None;
         }
     };
-    if let Some(name) = t.credential_name.as_deref().filter(|n| !n.is_empty()) {
-        // Secrets are not part of the configuration model: nothing can resolve the name. The
-        // connection then goes without those credentials and fails closed at the handshake.
-        tracing::warn!(
-            rule = %e.object,
-            field = %format!("{path}.credentialName"),
-            credential = name,
-            "credentialName is not supported in directory mode (Secrets are not loaded); use clientCertificate/privateKey/caCertificates file paths"
-        );
-    }
+    let credential_name = t.credential_name.clone().filter(|s| !s.is_empty());
     if mode == TlsMode::Mutual
-        && t.credential_name.is_none()
+        && credential_name.is_none()
         && (t.client_certificate.is_none() || t.private_key.is_none())
     {
         e.push(
             path,
             "MUTUAL needs clientCertificate and privateKey (or credentialName)",
         );
+    }
+    if credential_name.is_some()
+        && (t.client_certificate.is_some()
+            || t.private_key.is_some()
+            || t.ca_certificates.is_some())
+    {
+        // Istio's precedence: the Secret is used and the file paths are not read.
+        tracing::warn!(rule = %e.object, field = %format!("{path}.credentialName"),
+            "credentialName and certificate file paths are both set; the Secret wins");
     }
     if t.ca_crl.is_some() {
         tracing::warn!(rule = %e.object, "DestinationRule tls.caCrl not implemented; ignored");
@@ -335,7 +349,10 @@ fn client_tls(t: &m::ClientTlsSettings, path: &str, e: &mut ObjErrors<'_>) -> Op
             .clone()
             .filter(|s| !s.is_empty())
             .map(PathBuf::from),
-        credential_name: t.credential_name.clone().filter(|s| !s.is_empty()),
+        credential_path: credential_name
+            .is_some()
+            .then(|| format!("{path}.credentialName")),
+        credential_name,
         subject_alt_names: t.subject_alt_names.clone(),
         insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
     })

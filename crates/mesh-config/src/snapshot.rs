@@ -568,6 +568,11 @@ pub struct Snapshot {
     #[serde(serialize_with = "ser::sorted")]
     pub(crate) dns: HashMap<String, Vec<IpAddr>>,
     pub(crate) egress: Vec<EgressEntry>,
+    /// TLS material of the Secrets, for `credentialName`. Redacted in dumps and `Debug`.
+    #[serde(serialize_with = "ser::display_keys")]
+    pub(crate) secrets: BTreeMap<NamespacedName, Arc<crate::secret::SecretTls>>,
+    /// `credentialName`s a waypoint cannot use (missing Secret, missing key).
+    pub(crate) credential_warnings: Vec<crate::secret::CredentialWarning>,
 }
 
 impl Snapshot {
@@ -708,6 +713,21 @@ impl Snapshot {
         subset: Option<&str>,
     ) -> Option<&crate::policy::ClientTls> {
         self.destination_policy(host)?.resolve(port, subset).tls
+    }
+
+    /// `tls.credentialName` as the waypoint in namespace `waypoint_ns` uses it (see
+    /// [`crate::secret::resolve_credential`]).
+    pub fn tls_credential(
+        &self,
+        waypoint_ns: &str,
+        tls: &crate::policy::ClientTls,
+    ) -> Option<Result<crate::secret::TlsCredential, crate::secret::CredentialError>> {
+        crate::secret::resolve_credential(self, waypoint_ns, tls)
+    }
+
+    /// DestinationRules whose `credentialName` a waypoint that applies them cannot use.
+    pub fn credential_warnings(&self) -> &[crate::secret::CredentialWarning] {
+        &self.credential_warnings
     }
 
     // ---------------------------------------------------------------- DNS

@@ -7,6 +7,8 @@
 //!    203.0.113.11 httpbin.org  nginx :80 (mirror / split target)
 //!    203.0.113.12 bad.example  nginx :80 → 503          203.0.113.13 good.example nginx :80 → 200
 //!    203.0.113.14 badcert.example nginx :443 with a certificate from another CA
+//!    203.0.113.15 mtls.example nginx :443 requiring a client certificate from the test CA
+//!    (`client.pem` / `client.key` in the PKI dir; answers "mtls-ok <client subject>")
 //!    (aliyun.com /stall sends "head", then stalls 3 s; httpbin.org and good.example /upload
 //!    read the whole request body and answer with its length)
 //!    203.0.113.53 dnsmasq for all of the above
@@ -36,6 +38,7 @@ pub const HOSTS: &[(&str, &str)] = &[
     ("bad.example", "203.0.113.12"),
     ("good.example", "203.0.113.13"),
     ("badcert.example", "203.0.113.14"),
+    ("mtls.example", "203.0.113.15"),
 ];
 
 /// Namespaces, the sleep client pod and the waypoint Gateway + pod (seed 000 step 2).
@@ -164,6 +167,14 @@ http {
     ssl_certificate_key @PKI@/bad.key;
     location / { return 200 "should never be seen\n"; }
   }
+  server {
+    listen 203.0.113.15:443 ssl;
+    ssl_certificate @PKI@/server.pem;
+    ssl_certificate_key @PKI@/server.key;
+    ssl_client_certificate @PKI@/ca.pem;
+    ssl_verify_client on;
+    location / { return 200 "mtls-ok $ssl_client_s_dn\n"; }
+  }
 }
 "#;
 
@@ -269,7 +280,7 @@ fn make_pki(dir: &Path) -> Result<()> {
     openssl(dir, &csr)?;
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=DNS:aliyun.com,DNS:httpbin.org\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+        "subjectAltName=DNS:aliyun.com,DNS:httpbin.org,DNS:mtls.example\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
     )?;
     openssl(
         dir,
@@ -289,6 +300,42 @@ fn make_pki(dir: &Path) -> Result<()> {
             "2",
             "-extfile",
             "server.ext",
+        ],
+    )?;
+    // A client certificate from the test CA, for MUTUAL origination to mtls.example.
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=waypoint-egress-client",
+    ]);
+    openssl(dir, &csr)?;
+    std::fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
         ],
     )?;
     let mut bad = vec!["req", "-x509"];
@@ -328,7 +375,11 @@ impl WaypointLab {
             .collect::<Result<_>>()?;
         let dnsmasq = start_dnsmasq(&ns, DNS_IP.parse()?, &records)?;
         for (_, ip) in HOSTS {
-            let port = if *ip == "203.0.113.14" { 443 } else { 80 };
+            let port = if ["203.0.113.14", "203.0.113.15"].contains(ip) {
+                443
+            } else {
+                80
+            };
             ns.wait_tcp(SocketAddr::new(ip.parse()?, port), Duration::from_secs(10))?;
         }
 
@@ -473,6 +524,15 @@ impl WaypointLab {
     }
 
     /// The test CA's certificate (for DestinationRule `caCertificates`).
+    /// A file of the lab's PKI (`client.pem`, `client.key`, `ca.pem`), base64 as a Secret's
+    /// `data` holds it.
+    pub fn pki_base64(&self, file: &str) -> Result<String> {
+        let out = run(Command::new("openssl")
+            .current_dir(self.pki.path())
+            .args(["base64", "-A", "-in", file]))?;
+        Ok(out.trim().to_owned())
+    }
+
     pub fn ca_pem(&self) -> PathBuf {
         self.pki.path().join("ca.pem")
     }

@@ -23,7 +23,7 @@ pub use endpoints::{EndpointSpec, endpoints_for};
 pub use mesh::{HboneTarget, MeshClient, MeshError};
 pub use pool::{HttpVersion, Lease, PoolKey, PoolLimits, PooledBody, Pools};
 pub use resolver::{DnsError, DnsResolver};
-pub use tls::{TlsError, TlsSpec};
+pub use tls::{Credential, TlsError, TlsSpec};
 
 /// Why no upstream connection could be had.
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +259,19 @@ pub fn build_cluster(
         endpoints: endpoints_for(service, sp, subset_labels, req.original, req.request_host),
         tls: traffic
             .tls
-            .and_then(|t| TlsSpec::from_client_tls(t, &host, alpn))
+            .and_then(|t| {
+                // credentialName: a Secret in this waypoint's namespace (Istio's rule for gateways).
+                let credential = snap.tls_credential(&gateway.namespace, t).map(|r| {
+                    r.map_err(|err| {
+                        format!(
+                            "DestinationRule {} {}: {err}",
+                            policy.map(|p| p.rule.to_string()).unwrap_or_default(),
+                            t.credential_path.as_deref().unwrap_or("credentialName")
+                        )
+                    })
+                });
+                TlsSpec::from_client_tls(t, &host, alpn, credential)
+            })
             .map(Arc::new),
         limits: PoolLimits::from_settings(traffic.connection_pool, version),
         outlier: traffic.outlier_detection.cloned(),
@@ -622,6 +634,64 @@ spec:
         let other = NamespacedName::new("istio-egress", "other");
         let c = build_cluster(&snap, &other, &svc, &svc.ports[0], None, req);
         assert_eq!(&*c.name, "outbound|80||aliyun.com");
+    }
+
+    #[test]
+    fn credential_name_resolves_in_the_waypoint_namespace() {
+        let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: aliyun, namespace: istio-egress}
+spec:
+  host: aliyun.com
+  trafficPolicy:
+    tls: {mode: MUTUAL, credentialName: aliyun-client, caCertificates: /ignored.pem}
+"#;
+        let secret = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: aliyun-client, namespace: istio-egress}
+stringData:
+  cert: "-----BEGIN CERTIFICATE-----\nQ0VSVA==\n-----END CERTIFICATE-----\n"
+  key: "-----BEGIN PRIVATE KEY-----\nS0VZ\n-----END PRIVATE KEY-----\n"
+  cacert: "-----BEGIN CERTIFICATE-----\nQ0E=\n-----END CERTIFICATE-----\n"
+"#;
+        let se = CONFIG
+            .split("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule")
+            .next();
+        let base = se.expect("config");
+        let req = ClusterRequest {
+            original: None,
+            request_host: Some("aliyun.com"),
+            downstream: HttpVersion::Http1,
+        };
+        let gw = NamespacedName::new("istio-egress", "waypoint");
+        let cluster = |sources: &[(&str, &str)]| {
+            let snap = mesh_config::load_sources(sources.iter().copied()).expect("valid config");
+            let svc = snap.service_by_host("aliyun.com").expect("service").clone();
+            let c = build_cluster(&snap, &gw, &svc, &svc.ports[0], None, req);
+            (*c.tls.expect("MUTUAL originates TLS")).clone()
+        };
+        // Missing Secret: the spec fails closed and says which rule, field and Secret.
+        let spec = cluster(&[("a.yaml", base), ("dr.yaml", dr)]);
+        let Some(Credential::Unavailable(why)) = &spec.credential else {
+            panic!("{spec:?}");
+        };
+        assert_eq!(
+            &**why,
+            "DestinationRule istio-egress/aliyun spec.trafficPolicy.tls.credentialName: Secret istio-egress/aliyun-client not found"
+        );
+        // With the Secret: its material, and the file path is not used.
+        let spec = cluster(&[("a.yaml", base), ("dr.yaml", dr), ("s.yaml", secret)]);
+        let Some(Credential::Secret(c)) = &spec.credential else {
+            panic!("{spec:?}");
+        };
+        assert!(c.client.is_some() && c.ca.is_some());
+        assert_eq!(spec.ca_certificates, None);
+        assert!(
+            !format!("{spec:?}").contains("S0VZ"),
+            "key material in Debug"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use mesh_config::{ClientTls, TlsMode};
+use mesh_config::{ClientTls, TlsCredential, TlsMode};
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
     WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor, verify_server_name,
@@ -26,7 +26,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// Client configurations are rebuilt this often so rotated CA / client certificate files are
-/// picked up without a restart.
+/// picked up without a restart. (Secrets come with the snapshot: new material is a new spec.)
 const CONFIG_TTL: Duration = Duration::from_secs(60);
 
 /// The origination settings of one upstream, hashable so it can key pools and the config cache.
@@ -38,6 +38,9 @@ pub struct TlsSpec {
     pub ca_certificates: Option<PathBuf>,
     /// MUTUAL: client certificate chain and key (PEM files).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// DestinationRule `credentialName`: the Secret's material, which replaces the file paths
+    /// above (Istio's precedence), or why there is none — then every connection fails closed.
+    pub credential: Option<Credential>,
     /// Accept the server only if one of its SANs is one of these (DNS, IP or URI).
     pub subject_alt_names: Vec<String>,
     pub insecure_skip_verify: bool,
@@ -45,21 +48,50 @@ pub struct TlsSpec {
     pub alpn: Vec<Vec<u8>>,
 }
 
+/// Where a `credentialName` spec gets its certificates from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// Resolved from a Secret (PEM in memory).
+    Secret(Arc<TlsCredential>),
+    /// The Secret is missing or incomplete; the text names the rule, field and Secret.
+    Unavailable(Arc<str>),
+}
+
 impl TlsSpec {
     /// The spec for `tls` towards `host` (the SNI when `tls.sni` is unset), offering `alpn`.
     /// `None` when the mode originates no TLS here: DISABLE, and ISTIO_MUTUAL, which is the
     /// mesh's own mTLS — the endpoints are then reached over HBONE ([`super::mesh`]), never in
     /// plaintext.
-    pub fn from_client_tls(tls: &ClientTls, host: &str, alpn: &[&[u8]]) -> Option<TlsSpec> {
+    ///
+    /// `credential` is `tls.credentialName` resolved for this waypoint
+    /// ([`mesh_config::Snapshot::tls_credential`]; the error already says which rule and
+    /// field). With a `credentialName` the file paths are not used, and without a resolved
+    /// credential the spec fails every connection: never plaintext, never without the client
+    /// certificate.
+    pub fn from_client_tls(
+        tls: &ClientTls,
+        host: &str,
+        alpn: &[&[u8]],
+        credential: Option<Result<TlsCredential, String>>,
+    ) -> Option<TlsSpec> {
+        let credential = tls.credential_name.as_ref().map(|name| match credential {
+            Some(Ok(c)) => Credential::Secret(Arc::new(c)),
+            Some(Err(why)) => Credential::Unavailable(why.into()),
+            None => {
+                Credential::Unavailable(format!("credentialName {name:?} was not resolved").into())
+            }
+        });
+        let files = credential.is_none();
         match tls.mode {
             TlsMode::Disable | TlsMode::IstioMutual => None,
             TlsMode::Simple | TlsMode::Mutual => Some(TlsSpec {
                 sni: tls.sni.clone().unwrap_or_else(|| host.to_owned()),
-                ca_certificates: tls.ca_certificates.clone(),
+                ca_certificates: tls.ca_certificates.clone().filter(|_| files),
                 client_cert: match (tls.mode, &tls.client_certificate, &tls.private_key) {
-                    (TlsMode::Mutual, Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    (TlsMode::Mutual, Some(c), Some(k)) if files => Some((c.clone(), k.clone())),
                     _ => None,
                 },
+                credential,
                 subject_alt_names: tls.subject_alt_names.clone(),
                 insecure_skip_verify: tls.insecure_skip_verify,
                 alpn: alpn.iter().map(|p| p.to_vec()).collect(),
@@ -73,6 +105,9 @@ impl TlsSpec {
 pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(String),
+    /// `credentialName` names no usable Secret: the connection is not even attempted.
+    #[error("TLS credential unavailable: {0}")]
+    CredentialUnavailable(String),
     /// `reason` is what `%UPSTREAM_TRANSPORT_FAILURE_REASON%` prints.
     #[error("TLS handshake failed: {reason}")]
     Handshake { reason: String },
@@ -83,6 +118,10 @@ impl TlsError {
     pub fn transport_failure_reason(&self) -> String {
         match self {
             TlsError::Config(m) => format!("TLS_error:|{m}:TLS_error_end"),
+            // Envoy's words for a credential its SDS never delivered, then which one.
+            TlsError::CredentialUnavailable(m) => {
+                format!("TLS error: Secret is not supplied by SDS ({m})")
+            }
             TlsError::Handshake { reason } => reason.clone(),
         }
     }
@@ -122,33 +161,52 @@ impl TlsCache {
             return Ok(config.clone());
         }
         let config = Arc::new(self.build(spec)?);
+        // Specs of replaced Secrets would otherwise stay forever.
+        configs.retain(|_, (_, built)| built.elapsed() < CONFIG_TTL);
         configs.insert(spec.clone(), (config.clone(), Instant::now()));
         Ok(config)
     }
 
     fn roots(&self, spec: &TlsSpec) -> Result<Arc<RootCertStore>, TlsError> {
-        match &spec.ca_certificates {
-            Some(path) => {
-                let mut store = RootCertStore::empty();
-                let certs = load_certs(path)?;
-                let (added, _ignored) = store.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(TlsError::Config(format!(
-                        "{}: no usable CA certificate",
-                        path.display()
+        let (source, certs) = match (&spec.credential, &spec.ca_certificates) {
+            (Some(Credential::Secret(c)), _) => {
+                let (Some(ca), Some(from)) = (&c.ca, &c.ca_secret) else {
+                    // Resolution guarantees a CA unless verification is skipped.
+                    return Err(TlsError::CredentialUnavailable(format!(
+                        "Secret {} has no CA certificate",
+                        c.secret
                     )));
-                }
-                Ok(Arc::new(store))
+                };
+                let source = format!("Secret {from} CA certificate");
+                let certs = parse_certs(&source, CertificateDer::pem_slice_iter(ca.as_bytes()))?;
+                (source, certs)
             }
-            None => self
-                .system_roots
-                .get_or_init(load_system_roots)
-                .clone()
-                .map_err(TlsError::Config),
+            (Some(Credential::Unavailable(why)), _) => {
+                return Err(TlsError::CredentialUnavailable(why.to_string()));
+            }
+            (None, Some(path)) => (path.display().to_string(), load_certs(path)?),
+            (None, None) => {
+                return self
+                    .system_roots
+                    .get_or_init(load_system_roots)
+                    .clone()
+                    .map_err(TlsError::Config);
+            }
+        };
+        let mut store = RootCertStore::empty();
+        let (added, _ignored) = store.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsError::Config(format!(
+                "{source}: no usable CA certificate"
+            )));
         }
+        Ok(Arc::new(store))
     }
 
     fn build(&self, spec: &TlsSpec) -> Result<ClientConfig, TlsError> {
+        if let Some(Credential::Unavailable(why)) = &spec.credential {
+            return Err(TlsError::CredentialUnavailable(why.to_string()));
+        }
         let provider = provider();
         let verifier: Arc<dyn ServerCertVerifier> = if spec.insecure_skip_verify {
             Arc::new(SkipVerify(provider.clone()))
@@ -171,15 +229,33 @@ impl TlsCache {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let mut config = match &spec.client_cert {
-            Some((cert, key)) => {
+        let client = match (&spec.credential, &spec.client_cert) {
+            (Some(Credential::Secret(c)), _) => match &c.client {
+                Some((cert, key)) => {
+                    let source = format!("Secret {}", c.secret);
+                    let chain = parse_certs(
+                        &format!("{source} certificate"),
+                        CertificateDer::pem_slice_iter(cert.as_bytes()),
+                    )?;
+                    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
+                        TlsError::Config(format!("{source} private key: {}", redacted(&e)))
+                    })?;
+                    Some((chain, key))
+                }
+                None => None,
+            },
+            (_, Some((cert, key))) => {
                 let chain = load_certs(cert)?;
                 let key = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| TlsError::Config(format!("{}: {e}", key.display())))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?
+                Some((chain, key))
             }
+            (_, None) => None,
+        };
+        let mut config = match client {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = spec.alpn.clone();
@@ -188,15 +264,34 @@ impl TlsCache {
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?
-        .collect();
-    let certs = certs.map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+    let source = path.display().to_string();
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Config(format!("{source}: {e}")))?;
+    parse_certs(&source, iter)
+}
+
+/// A PEM error about a private key, without the bytes some variants quote (Secret material
+/// must not reach logs).
+fn redacted(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { .. } => "missing section end marker",
+        Error::IllegalSectionStart { .. } => "illegal section start",
+        Error::Base64Decode(_) => "invalid base64 in the PEM section",
+        Error::NoItemsFound => "no private key found",
+        _ => "unreadable PEM",
+    }
+}
+
+/// Every certificate of a PEM source (a file or a Secret's key); `source` names it in errors.
+fn parse_certs(
+    source: &str,
+    iter: impl Iterator<Item = Result<CertificateDer<'static>, rustls_pki_types::pem::Error>>,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = iter.collect();
+    let certs = certs.map_err(|e| TlsError::Config(format!("{source}: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::Config(format!(
-            "{}: no PEM certificate",
-            path.display()
-        )));
+        return Err(TlsError::Config(format!("{source}: no PEM certificate")));
     }
     Ok(certs)
 }
@@ -395,6 +490,7 @@ mod tests {
             sni: sni.to_owned(),
             ca_certificates: Some(pki.ca_pem.clone()),
             client_cert: None,
+            credential: None,
             subject_alt_names: sans.iter().map(|s| (*s).to_owned()).collect(),
             insecure_skip_verify: skip,
             alpn: vec![ALPN_HTTP11.to_vec()],
@@ -481,10 +577,11 @@ mod tests {
             client_certificate: Some("/c.pem".into()),
             private_key: Some("/k.pem".into()),
             credential_name: None,
+            credential_path: None,
             subject_alt_names: vec![],
             insecure_skip_verify: false,
         };
-        let s = TlsSpec::from_client_tls(&tls, "aliyun.com", &[ALPN_HTTP11]).expect("simple");
+        let s = TlsSpec::from_client_tls(&tls, "aliyun.com", &[ALPN_HTTP11], None).expect("simple");
         assert_eq!(s.sni, "aliyun.com");
         // SIMPLE never presents a client certificate, even if files are named.
         assert_eq!(s.client_cert, None);
@@ -493,7 +590,7 @@ mod tests {
             sni: Some("api.example".into()),
             ..tls.clone()
         };
-        let s = TlsSpec::from_client_tls(&mutual, "aliyun.com", &[ALPN_H2]).expect("mutual");
+        let s = TlsSpec::from_client_tls(&mutual, "aliyun.com", &[ALPN_H2], None).expect("mutual");
         assert_eq!(s.sni, "api.example");
         assert!(s.client_cert.is_some());
         assert_eq!(s.alpn, vec![b"h2".to_vec()]);
@@ -501,7 +598,7 @@ mod tests {
             mode: TlsMode::Disable,
             ..tls
         };
-        assert!(TlsSpec::from_client_tls(&disable, "aliyun.com", &[]).is_none());
+        assert!(TlsSpec::from_client_tls(&disable, "aliyun.com", &[], None).is_none());
     }
 
     #[test]
@@ -510,6 +607,7 @@ mod tests {
             sni: "a".into(),
             ca_certificates: Some("/nonexistent/ca.pem".into()),
             client_cert: None,
+            credential: None,
             subject_alt_names: vec![],
             insecure_skip_verify: false,
             alpn: vec![],
@@ -519,5 +617,170 @@ mod tests {
             matches!(err, TlsError::Config(ref m) if m.contains("/nonexistent/ca.pem")),
             "{err}"
         );
+    }
+
+    /// A CA, a server certificate for `api.example` and a client certificate, all PEM.
+    struct MtlsPki {
+        ca: String,
+        server: rustls::ServerConfig,
+        client_cert: String,
+        client_key: String,
+    }
+
+    fn mtls_pki() -> MtlsPki {
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "egress CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().expect("key");
+        let server_cert = CertificateParams::new(vec!["api.example".to_owned()])
+            .expect("params")
+            .signed_by(&server_key, &issuer)
+            .expect("server");
+        let client_key = KeyPair::generate().expect("key");
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "waypoint-client");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params
+            .signed_by(&client_key, &issuer)
+            .expect("client");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).expect("root");
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider())
+                .build()
+                .expect("client verifier");
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![server_cert.der().clone()],
+                PrivateKeyDer::try_from(server_key.serialize_der()).expect("key"),
+            )
+            .expect("server config");
+        MtlsPki {
+            ca: ca_cert.pem(),
+            server,
+            client_cert: client_cert.pem(),
+            client_key: client_key.serialize_pem(),
+        }
+    }
+
+    /// A `kubernetes.io/tls` Secret in `egress` with PEM values as `stringData`.
+    fn secret_yaml(name: &str, keys: &[(&str, &str)]) -> String {
+        let mut y = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: egress}}\nstringData:\n"
+        );
+        for (k, pem) in keys {
+            y.push_str(&format!("  {k}: |\n"));
+            for line in pem.lines() {
+                y.push_str(&format!("    {line}\n"));
+            }
+        }
+        y
+    }
+
+    fn credential_tls(mode: TlsMode, name: &str) -> ClientTls {
+        ClientTls {
+            mode,
+            sni: None,
+            // credentialName wins: these files are never read.
+            ca_certificates: Some("/nonexistent/ca.pem".into()),
+            client_certificate: Some("/nonexistent/c.pem".into()),
+            private_key: Some("/nonexistent/k.pem".into()),
+            credential_name: Some(name.to_owned()),
+            credential_path: Some("spec.trafficPolicy.tls.credentialName".into()),
+            subject_alt_names: vec![],
+            insecure_skip_verify: false,
+        }
+    }
+
+    /// One handshake against `server`; the client certificate chain the server saw.
+    async fn server_saw(
+        server: rustls::ServerConfig,
+        spec: &TlsSpec,
+    ) -> Result<Option<usize>, TlsError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.ok()?;
+            let tls = acceptor.accept(tcp).await.ok()?;
+            Some(tls.get_ref().1.peer_certificates().map_or(0, <[_]>::len))
+        });
+        let config = TlsCache::new().config(spec)?;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let stream = handshake(config, &spec.sni, tcp).await?;
+        let saw = accepted.await.expect("server task");
+        drop(stream);
+        Ok(saw)
+    }
+
+    #[tokio::test]
+    async fn credential_name_from_secret() {
+        let pki = mtls_pki();
+        let secret = secret_yaml(
+            "client",
+            &[
+                ("tls.crt", &pki.client_cert),
+                ("tls.key", &pki.client_key),
+                ("ca.crt", &pki.ca),
+            ],
+        );
+        let snap = mesh_config::load_sources([("s.yaml", secret.as_str())]).expect("secret");
+        let resolve = |tls: &ClientTls, ns: &str| {
+            let cred = snap
+                .tls_credential(ns, tls)
+                .map(|r| r.map_err(|e| format!("DestinationRule egress/dr: {e}")));
+            TlsSpec::from_client_tls(tls, "api.example", &[ALPN_HTTP11], cred).expect("spec")
+        };
+
+        // MUTUAL: the server verifies the client certificate from the Secret, and the waypoint
+        // verifies the server with the Secret's ca.crt (the file paths would fail).
+        let spec = resolve(&credential_tls(TlsMode::Mutual, "client"), "egress");
+        assert_eq!(spec.ca_certificates, None);
+        assert_eq!(spec.client_cert, None);
+        let saw = server_saw(pki.server.clone(), &spec).await.expect("mutual");
+        assert_eq!(saw, Some(1), "client certificate presented");
+
+        // The Secret is in the waypoint's namespace only: another waypoint fails closed before
+        // connecting, naming the rule and the missing Secret.
+        let spec = resolve(&credential_tls(TlsMode::Mutual, "client"), "other");
+        let err = TlsCache::new().config(&spec).expect_err("no secret");
+        let reason = err.transport_failure_reason();
+        assert!(
+            reason.starts_with("TLS error: Secret is not supplied by SDS (")
+                && reason.contains("DestinationRule egress/dr")
+                && reason.contains("Secret other/client not found"),
+            "{reason}"
+        );
+
+        // SIMPLE with the same Secret: only ca.crt is used, so the server (which requires a
+        // client certificate) refuses.
+        let spec = resolve(&credential_tls(TlsMode::Simple, "client"), "egress");
+        assert_eq!(
+            server_saw(pki.server.clone(), &spec).await.ok().flatten(),
+            None
+        );
+
+        // A credentialName nobody resolved is never silently ignored.
+        let spec = TlsSpec::from_client_tls(
+            &credential_tls(TlsMode::Mutual, "client"),
+            "api.example",
+            &[],
+            None,
+        )
+        .expect("spec");
+        assert!(matches!(
+            TlsCache::new().config(&spec),
+            Err(TlsError::CredentialUnavailable(_))
+        ));
     }
 }

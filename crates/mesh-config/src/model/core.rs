@@ -111,3 +111,35 @@ pub struct ConfigMap {
     #[serde(default)]
     pub data: std::collections::BTreeMap<String, String>,
 }
+
+/// A `v1 Secret`: only what TLS origination reads (`type`, `data`, `stringData`). Key material
+/// must never reach logs: `Debug` lists the keys, not the values.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    /// Base64 values, as the API server stores them.
+    #[serde(default)]
+    pub data: std::collections::BTreeMap<String, String>,
+    /// Plain-text values (write-only in Kubernetes, merged into `data`; they win on conflict).
+    #[serde(default)]
+    pub string_data: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.metadata.name)
+            .field("namespace", &self.metadata.namespace)
+            .field("type", &self.type_)
+            .field("data_keys", &self.data.keys().collect::<Vec<_>>())
+            .field(
+                "string_data_keys",
+                &self.string_data.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
