@@ -910,6 +910,47 @@ impl Ztunnel {
         self.child.as_ref().map(ChildGuard::log).unwrap_or_default()
     }
 
+    /// `/metrics` as Prometheus text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(None, &self.metrics_url())?;
+        ensure!(status == 200, "ztunnel /metrics answered {status}");
+        Ok(body)
+    }
+
+    /// Connection-log entries so far: the JSON lines of its stdout, one per closed (or refused)
+    /// connection (`direction`, `src_addr`, `dst_addr`, `src_identity`, `outcome`, `error`, ...).
+    pub fn connection_log(&self) -> Vec<Value> {
+        json_lines(&self.log())
+            .into_iter()
+            .filter(|v| v.get("direction").is_some() && v.get("outcome").is_some())
+            .collect()
+    }
+
+    /// Waits for a connection-log entry written after the first `after` ones that satisfies
+    /// `pred` (a line is written when the connection ends).
+    pub fn wait_connection_log(
+        &self,
+        after: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.connection_log();
+            if let Some(entry) = log.iter().skip(after).find(|e| pred(e)) {
+                return Ok(entry.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "ztunnel logged no matching connection within {timeout:?}; new entries: {}",
+                    serde_json::to_string(&log.iter().skip(after).collect::<Vec<_>>())
+                        .unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The JSON `/config_dump`.
     pub fn config_dump(&self) -> Result<Value> {
         let (status, body) = http_get(None, &self.admin_url("/config_dump"))?;
