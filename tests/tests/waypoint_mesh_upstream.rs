@@ -493,9 +493,6 @@ fn l4_allow_of_only_the_waypoint_principal_admits_waypoint_traffic() {
 /// closes those no longer allowed (`PolicyWatcher` in its `proxy/connection_manager.rs`), so
 /// the waypoint cannot keep using a tunnel the destination has since refused.
 #[test]
-#[ignore = "product bug: ztunnel checks AuthorizationPolicy only when a CONNECT arrives \
-            (ztunnel/src/inbound.rs set_up); live tunnels survive a new DENY, so the waypoint's \
-            pooled tunnel keeps carrying requests"]
 fn l4_deny_applied_after_traffic_also_stops_pooled_tunnels() {
     if !tools() {
         return;

@@ -7,9 +7,13 @@
 //! pod's `ip:port`, dialled from inside the namespace with the mark so it is not captured again.
 //!
 //! Plaintext (15006): the same policy with no peer identity; the source IP is the socket's.
+//!
+//! Live connections keep what they were admitted on ([`Admission`]); each new configuration
+//! snapshot checks them again ([`recheck`]) and closes those its policies now deny, as Istio's
+//! ztunnel does, so a new DENY also cuts a waypoint's pooled tunnel.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -17,6 +21,7 @@ use mesh_config::authz::Decision;
 use mesh_config::{RequestAttrs, Snapshot, Workload};
 use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn};
 
 use crate::conn::{ByteCounts, InSpan, Tallied, reset, splice_tcp, until_cancelled};
@@ -70,6 +75,121 @@ pub fn check_inbound(
             policy: policy.map(|p| p.to_string()),
         },
     }
+}
+
+/// What a live inbound connection was admitted on, kept so that a new configuration can be
+/// checked against it ([`recheck`]): the inputs of [`check_inbound`] and the token that closes
+/// the connection. Held by the connection's task; the pod's [`LiveInbound`] only has a weak
+/// reference, so the entry goes with the connection and its future grows by one pointer.
+pub(crate) struct Admission {
+    principal: Option<Box<str>>,
+    source_ip: IpAddr,
+    target: SocketAddr,
+    /// A child of the pod's `force`: cancelled at the end of the drain or when revoked.
+    revoke: CancellationToken,
+    /// Why the connection was revoked, for its close log; unset when it was the drain.
+    reason: OnceLock<String>,
+}
+
+impl Admission {
+    /// Why the connection was cut off, once `revoke` is cancelled.
+    fn close_reason(&self) -> String {
+        self.reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "drain period over".to_owned())
+    }
+}
+
+/// The pod's live inbound connections (HBONE and plaintext). Weak references: an entry dies
+/// with its connection and the dead ones are pruned when the list has doubled since the last
+/// prune (amortised, so it stays within twice the live count) and at each re-check.
+#[derive(Default)]
+pub(crate) struct LiveInbound {
+    list: Mutex<LiveList>,
+}
+
+#[derive(Default)]
+struct LiveList {
+    entries: Vec<Weak<Admission>>,
+    prune_at: usize,
+}
+
+impl LiveList {
+    fn prune(&mut self) {
+        self.entries.retain(|w| w.strong_count() > 0);
+        self.prune_at = (self.entries.len() * 2).max(64);
+    }
+}
+
+impl LiveInbound {
+    /// Registers a connection about to be checked. Registered before the snapshot is read, so
+    /// a configuration published meanwhile is re-checked against it ([`recheck`] runs after
+    /// each publication).
+    pub(crate) fn admit(
+        &self,
+        force: &CancellationToken,
+        principal: Option<&str>,
+        source_ip: IpAddr,
+        target: SocketAddr,
+    ) -> Arc<Admission> {
+        let admission = Arc::new(Admission {
+            principal: principal.map(Box::from),
+            source_ip,
+            target,
+            revoke: force.child_token(),
+            reason: OnceLock::new(),
+        });
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if list.entries.len() >= list.prune_at {
+            list.prune();
+        }
+        list.entries.push(Arc::downgrade(&admission));
+        admission
+    }
+
+    /// The connections still open.
+    fn live(&self) -> Vec<Arc<Admission>> {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.prune();
+        list.entries.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// How many connections are registered and still open.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.live().len()
+    }
+}
+
+/// Checks every live inbound connection of `pod` again against `snap`, with the inputs it was
+/// admitted on (the same pure [`check_inbound`]), and closes those now denied: their tasks
+/// reset the stream and log the close as usual. Returns how many were closed.
+pub(crate) fn recheck(live: &LiveInbound, snap: &Snapshot, pod: &Workload) -> usize {
+    let mut closed = 0;
+    for conn in live.live() {
+        if conn.revoke.is_cancelled() {
+            continue;
+        }
+        let principal = conn.principal.as_deref();
+        let verdict = check_inbound(snap, pod, principal, conn.source_ip, conn.target);
+        let InboundVerdict::Denied { policy } = verdict else {
+            continue;
+        };
+        let who = principal.unwrap_or("unauthenticated plaintext client");
+        let why = denial(who, policy.as_deref());
+        let policy = policy.unwrap_or_else(|| "(no ALLOW policy matches)".to_owned());
+        warn!(
+            pod = %pod.name, src = %conn.source_ip, dst = %conn.target, reason = %why,
+            "connection closed: no longer allowed by policy {policy}"
+        );
+        let _ = conn
+            .reason
+            .set(format!("no longer allowed by policy: {why}"));
+        conn.revoke.cancel();
+        closed += 1;
+    }
+    closed
 }
 
 /// The source as telemetry names it: the workload at the source address only when it is the
@@ -141,15 +261,17 @@ impl hbone::Handler for InboundHandler {
 /// An `async fn`'s arguments stay in its future to the end, hence the CONNECT in a box, which
 /// the set-up consumes.
 pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: Box<hbone::IncomingConnect>) {
-    let Some((mut tunnel, app, trace)) = Box::pin(set_up(&ctx, connect)).await else {
+    // `ctx` moves into the set-up: the relay does not need it, and its slot is reused.
+    let Some((mut tunnel, app, trace, admission)) = Box::pin(set_up(ctx, connect)).await else {
         return;
     };
     // Written to the application is what the client sent, read from it what it received.
     let mut app = Tallied::new(app);
     let copy = hbone::copy_bidirectional(&mut tunnel, &mut app);
-    let copied = match until_cancelled(copy, &ctx.force).await {
+    // The admission's token: the drain's, or a revocation by a new policy.
+    let copied = match until_cancelled(copy, &admission.revoke).await {
         Some(copied) => copied.map_err(|e| e.to_string()),
-        None => Err("drain period over".to_owned()),
+        None => Err(admission.close_reason()),
     };
     let (sent, received) = (app.written(), app.read());
     match copied {
@@ -170,9 +292,9 @@ pub(crate) async fn handle_connect(ctx: Arc<PodCtx>, connect: Box<hbone::Incomin
 /// Checks the CONNECT, dials the application and accepts the tunnel; `None` when the CONNECT
 /// was answered with an error (logged and counted).
 async fn set_up(
-    ctx: &PodCtx,
+    ctx: Arc<PodCtx>,
     connect: Box<hbone::IncomingConnect>,
-) -> Option<(hbone::Tunnel, TcpStream, ConnTrace)> {
+) -> Option<(hbone::Tunnel, TcpStream, ConnTrace, Arc<Admission>)> {
     let connect = *connect;
     let meta = connect.meta();
     let authority = meta.authority;
@@ -187,6 +309,9 @@ async fn set_up(
         .filter(|client| client.ip() == remote.ip())
         .unwrap_or(remote);
     let principal = meta.peer_identity.to_string();
+    let admission = ctx
+        .live_inbound
+        .admit(&ctx.force, Some(&principal), remote.ip(), target);
     let snap = ctx.shared.store.current();
     let pod = ctx.workload(&snap);
     let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
@@ -267,7 +392,7 @@ async fn set_up(
             return None;
         }
     };
-    Some((tunnel, app, trace))
+    Some((tunnel, app, trace, admission))
 }
 
 fn denial(principal: &str, policy: Option<&str>) -> String {
@@ -307,6 +432,9 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
             return;
         }
     };
+    let admission = ctx
+        .live_inbound
+        .admit(&ctx.force, None, source.ip(), target);
     let snap = ctx.shared.store.current();
     let pod = ctx.workload(&snap);
     let mut trace = ConnTrace::new(&ctx.shared.telemetry, Direction::Inbound, source, target);
@@ -369,7 +497,7 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
     let counts = ByteCounts::default();
     let copied = tokio::select! {
         copied = splice_tcp(&mut stream, &mut app, &counts) => copied.map_err(|e| e.to_string()),
-        () = ctx.force.cancelled() => Err("drain period over".to_owned()),
+        () = admission.revoke.cancelled() => Err(admission.close_reason()),
     };
     match copied {
         Ok(()) => trace.finish(
@@ -540,5 +668,85 @@ spec:
             (spoofed.workload.as_str(), spoofed.namespace.as_str()),
             ("", "evil")
         );
+    }
+
+    #[test]
+    fn new_deny_revokes_live_connections() {
+        let before = mesh_config::load_sources([("mesh.yaml", MESH)]).expect("compiles");
+        let pod = before
+            .workload_by_ip("10.244.1.10".parse().expect("ip"))
+            .expect("pod")
+            .clone();
+        let force = CancellationToken::new();
+        let live = LiveInbound::default();
+        let client = "10.244.1.11".parse().expect("ip");
+        let web: SocketAddr = "10.244.1.10:80".parse().expect("addr");
+        let tunnel = live.admit(
+            &force,
+            Some("spiffe://cluster.local/ns/front/sa/client"),
+            client,
+            web,
+        );
+        let plaintext = live.admit(
+            &force,
+            None,
+            "192.0.2.7".parse().expect("ip"),
+            "10.244.1.10:8080".parse().expect("addr"),
+        );
+        let gone = live.admit(&force, None, client, web);
+        drop(gone);
+        assert_eq!(live.len(), 2, "a closed connection leaves the registry");
+        // The same configuration: nothing changes.
+        assert_eq!(recheck(&live, &before, &pod), 0);
+        assert!(!tunnel.revoke.is_cancelled() && !plaintext.revoke.is_cancelled());
+
+        // A DENY for the client's namespace: the tunnel goes, the plaintext client stays.
+        let deny = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-front, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [front]}}]
+"#;
+        let after = mesh_config::load_sources([("mesh.yaml", MESH), ("deny.yaml", deny)])
+            .expect("compiles");
+        // The pod as the new snapshot has it: its policies are resolved per snapshot.
+        let pod = after
+            .workload_by_ip("10.244.1.10".parse().expect("ip"))
+            .expect("pod")
+            .clone();
+        assert_eq!(recheck(&live, &after, &pod), 1);
+        assert!(tunnel.revoke.is_cancelled());
+        assert!(!plaintext.revoke.is_cancelled());
+        assert!(
+            tunnel.close_reason().contains("shop/deny-front"),
+            "{}",
+            tunnel.close_reason()
+        );
+        // Already closed: not counted twice.
+        assert_eq!(recheck(&live, &after, &pod), 0);
+        // The drain still closes the others, with the drain's reason.
+        force.cancel();
+        assert!(plaintext.revoke.is_cancelled());
+        assert_eq!(plaintext.close_reason(), "drain period over");
+    }
+
+    #[test]
+    fn registry_stays_within_twice_the_live_count() {
+        let force = CancellationToken::new();
+        let live = LiveInbound::default();
+        let addr: SocketAddr = "10.244.1.10:80".parse().expect("addr");
+        let kept = live.admit(&force, None, addr.ip(), addr);
+        for _ in 0..10_000 {
+            drop(live.admit(&force, None, addr.ip(), addr));
+        }
+        let entries = live.list.lock().expect("lock").entries.len();
+        assert!(entries <= 128, "{entries} entries for one live connection");
+        assert_eq!(live.len(), 1);
+        drop(kept);
+        assert_eq!(live.len(), 0);
     }
 }

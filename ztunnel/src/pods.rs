@@ -189,6 +189,8 @@ pub(crate) struct PodCtx {
     pub force: CancellationToken,
     /// Live connections.
     pub tasks: TaskTracker,
+    /// Live inbound connections with what they were admitted on, re-checked on new policies.
+    pub live_inbound: crate::inbound::LiveInbound,
 }
 
 impl PodCtx {
@@ -359,6 +361,15 @@ impl PodManager {
             self.start(spec.clone(), workload.clone()).await;
         }
         self.publish();
+    }
+
+    /// Checks the running pods' live inbound connections against `snap` and closes those its
+    /// AuthorizationPolicies no longer allow (a new DENY must cut pooled tunnels too).
+    pub fn recheck_inbound(&self, snap: &Snapshot) {
+        for pod in self.running.values() {
+            let workload = pod.ctx.workload(snap);
+            crate::inbound::recheck(&pod.ctx.live_inbound, snap, &workload);
+        }
     }
 
     /// Tries again the pods that failed to start (their namespace may exist by now).
@@ -574,6 +585,7 @@ async fn start_pod(
             stop: CancellationToken::new(),
             force: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            live_inbound: Default::default(),
         });
         let dns_proxy = crate::dns::proxy(&ctx).map_err(PodError::Dns)?;
         let here = tracing::Span::current();

@@ -193,6 +193,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     break;
                 }
                 let snap = updates.borrow_and_update().clone();
+                // Before the generation is reported: once it is, live connections the new
+                // policies deny are closed. Every snapshot: the check is pure and cheap.
+                manager.recheck_inbound(&snap);
                 let generation = store.generation();
                 metrics.config_loaded(generation);
                 info!(generation, "configuration changed");

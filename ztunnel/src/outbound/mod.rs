@@ -546,5 +546,10 @@ mod size_tests {
             "outbound connection future: {outbound} bytes"
         );
         assert!(inbound <= 600, "inbound connection future: {inbound} bytes");
+        // Inbound connections also keep their admission on the heap for re-checks on new
+        // policies (with a child token of the drain's, its principal and a registry slot):
+        // the future only grew by its pointer, which took the slot of the moved `ctx`.
+        let admission = std::mem::size_of::<crate::inbound::Admission>();
+        assert!(admission <= 112, "inbound admission: {admission} bytes");
     }
 }
