@@ -43,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::{ChildGuard, CurlOutput, Host, Lab, Netns, Nginx, NginxConfig, start_dnsmasq};
@@ -763,21 +763,11 @@ impl Internet {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.http_log();
-            if let Some(entry) = log.iter().skip(after).find(|e| pred(e)) {
-                return Ok(entry.clone());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "no matching request in the upstream's log within {timeout:?}; new entries: {}",
-                    serde_json::to_string(&log.iter().skip(after).collect::<Vec<_>>())
-                        .unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_json_log(|| self.http_log(), after, timeout, pred).map_err(|new| {
+            anyhow!(
+                "no matching request in the upstream's log within {timeout:?}; new entries: {new}"
+            )
+        })
     }
 
     /// Connections the TCP echo services accepted so far.
@@ -934,21 +924,9 @@ impl Ztunnel {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.connection_log();
-            if let Some(entry) = log.iter().skip(after).find(|e| pred(e)) {
-                return Ok(entry.clone());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "ztunnel logged no matching connection within {timeout:?}; new entries: {}",
-                    serde_json::to_string(&log.iter().skip(after).collect::<Vec<_>>())
-                        .unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_json_log(|| self.connection_log(), after, timeout, pred).map_err(|new| {
+            anyhow!("ztunnel logged no matching connection within {timeout:?}; new entries: {new}")
+        })
     }
 
     /// The JSON `/config_dump`.
@@ -1059,22 +1037,12 @@ impl Waypoint {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.access_log();
-            if let Some(entry) = log.iter().skip(after).find(|e| pred(e)) {
-                return Ok(entry.clone());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "waypoint {} logged no matching access-log entry within {timeout:?}; new entries: {}",
-                    self.spec.gateway(),
-                    serde_json::to_string(&log.iter().skip(after).collect::<Vec<_>>())
-                        .unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_json_log(|| self.access_log(), after, timeout, pred).map_err(|new| {
+            anyhow!(
+                "waypoint {} logged no matching access-log entry within {timeout:?}; new entries: {new}",
+                self.spec.gateway()
+            )
+        })
     }
 
     /// GET on its admin listener (from inside its namespace): `(status, body)`.
@@ -2070,6 +2038,30 @@ fn metrics_generation(text: &str) -> Option<u64> {
 }
 
 /// Every line of `text` that is a JSON object.
+/// Polls `read` until an entry after the first `after` satisfies `pred`; on timeout, the new
+/// entries as JSON, for the caller's error message.
+fn wait_json_log(
+    read: impl Fn() -> Vec<Value>,
+    after: usize,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> std::result::Result<Value, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = read();
+        if let Some(entry) = log.iter().skip(after).find(|e| pred(e)) {
+            return Ok(entry.clone());
+        }
+        if Instant::now() >= deadline {
+            return Err(
+                serde_json::to_string(&log.iter().skip(after).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .filter_map(|line| {

@@ -221,24 +221,24 @@ pub(crate) fn until_cancelled<F: Future>(
     }
 }
 
-pub(crate) struct UntilCancelled<'a, F> {
-    future: F,
-    cancelled: WaitForCancellationFuture<'a>,
+pin_project_lite::pin_project! {
+    pub(crate) struct UntilCancelled<'a, F> {
+        #[pin]
+        future: F,
+        #[pin]
+        cancelled: WaitForCancellationFuture<'a>,
+    }
 }
 
 impl<F: Future> Future for UntilCancelled<'_, F> {
     type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: both fields are structurally pinned: never moved out, no `Drop` impl, and
-        // the struct is `Unpin` only when both are.
-        let this = unsafe { self.get_unchecked_mut() };
-        // SAFETY: as above.
-        if let Poll::Ready(output) = unsafe { Pin::new_unchecked(&mut this.future) }.poll(cx) {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
             return Poll::Ready(Some(output));
         }
-        // SAFETY: as above.
-        match unsafe { Pin::new_unchecked(&mut this.cancelled) }.poll(cx) {
+        match this.cancelled.poll(cx) {
             Poll::Ready(()) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
