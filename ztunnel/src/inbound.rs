@@ -22,7 +22,7 @@ use mesh_config::{RequestAttrs, Snapshot, Workload};
 use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, debug_span, warn};
 
 use crate::conn::{ByteCounts, InSpan, Tallied, reset, splice_tcp, until_cancelled};
 use crate::metrics::{ConnTrace, Peer};
@@ -248,8 +248,9 @@ impl hbone::Handler for InboundHandler {
         connect: hbone::IncomingConnect,
     ) -> impl std::future::Future<Output = ()> + Send {
         let meta = connect.meta();
+        // Debug level, as outbound: the warnings below name the connection themselves.
         let span =
-            info_span!("inbound", src = %canonical(meta.remote_addr), peer = %meta.peer_identity);
+            debug_span!("inbound", src = %canonical(meta.remote_addr), peer = %meta.peer_identity);
         InSpan::new(handle_connect(self.ctx.clone(), Box::new(connect)), span)
     }
 }
@@ -322,7 +323,7 @@ async fn set_up(
     match check_inbound(&snap, &pod, Some(&principal), remote.ip(), target) {
         InboundVerdict::Allow => {}
         InboundVerdict::WrongTarget => {
-            warn!(authority = %authority, "CONNECT target is not this pod: 400");
+            warn!(src = %source, peer = %principal, authority = %authority, "CONNECT target is not this pod: 400");
             connect.reject(StatusCode::BAD_REQUEST);
             trace.finish(
                 0,
@@ -338,7 +339,7 @@ async fn set_up(
         }
         InboundVerdict::Denied { policy } => {
             let why = denial(&principal, policy.as_deref());
-            warn!(%target, reason = %why, "inbound connection denied: 401");
+            warn!(src = %source, %target, reason = %why, "inbound connection denied: 401");
             connect.reject(StatusCode::UNAUTHORIZED);
             trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
             return None;
@@ -352,7 +353,7 @@ async fn set_up(
     let app = match app {
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
-            warn!(%target, %error, "application unreachable: 503");
+            warn!(src = %source, %target, %error, "application unreachable: 503");
             connect.reject(StatusCode::SERVICE_UNAVAILABLE);
             trace.finish(
                 0,
@@ -364,7 +365,7 @@ async fn set_up(
             return None;
         }
         Err(_) => {
-            warn!(%target, "application connect timed out: 504");
+            warn!(src = %source, %target, "application connect timed out: 504");
             connect.reject(StatusCode::GATEWAY_TIMEOUT);
             trace.finish(
                 0,
@@ -409,7 +410,7 @@ pub(crate) async fn serve_plaintext(ctx: Arc<PodCtx>, listener: TcpListener) {
             () = ctx.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let span = info_span!("inbound_plaintext", src = %canonical(peer));
+                    let span = debug_span!("inbound_plaintext", src = %canonical(peer));
                     ctx.spawn_conn(InSpan::new(handle_plaintext(ctx.clone(), stream, canonical(peer)), span));
                 }
                 Err(error) => {
@@ -427,7 +428,7 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
     let target = match inpod::original_dst(&stream) {
         Ok(dst) => canonical(dst),
         Err(error) => {
-            warn!(%error, "plaintext inbound connection without an original destination; resetting");
+            warn!(src = %source, %error, "plaintext inbound connection without an original destination; resetting");
             reset(stream);
             return;
         }
@@ -444,7 +445,7 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
     match check_inbound(&snap, &pod, None, source.ip(), target) {
         InboundVerdict::Allow => {}
         InboundVerdict::WrongTarget => {
-            warn!(%target, "plaintext connection not addressed to this pod; resetting");
+            warn!(src = %source, %target, "plaintext connection not addressed to this pod; resetting");
             reset(stream);
             trace.finish(
                 0,
@@ -457,7 +458,7 @@ async fn handle_plaintext(ctx: Arc<PodCtx>, mut stream: TcpStream, source: Socke
         }
         InboundVerdict::Denied { policy } => {
             let why = denial("unauthenticated plaintext client", policy.as_deref());
-            warn!(%target, reason = %why, "plaintext inbound connection denied");
+            warn!(src = %source, %target, reason = %why, "plaintext inbound connection denied");
             reset(stream);
             trace.finish(0, 0, ConnectionOutcome::Denied, None, Some(why));
             return;

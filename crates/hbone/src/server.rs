@@ -249,7 +249,9 @@ impl Server {
                 return Ok(());
             }
         };
-        let span = tracing::info_span!("hbone_server", %remote, %local);
+        // Debug level: an enabled span keeps an allocation for the connection's life; the
+        // warnings below name the peer themselves.
+        let span = tracing::debug_span!("hbone_server", %remote, %local);
         self.serve_tls(tcp, local, remote, handler, shutdown)
             .instrument(span)
             .await
@@ -329,7 +331,7 @@ impl Server {
                     draining = true;
                 }
                 failure = &mut keepalive => {
-                    warn!(%failure, "HBONE client unresponsive, dropping the connection");
+                    warn!(%remote, %failure, "HBONE client unresponsive, dropping the connection");
                     return Ok(());
                 }
                 next = conn.accept() => match next {

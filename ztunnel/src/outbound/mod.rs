@@ -24,7 +24,7 @@ use hbone::{Baggage, Forwarded, TraceParent, TunnelRequest};
 use mesh_config::{Snapshot, Workload};
 use telemetry::{ConnectionOutcome, Direction, ResponseFlag, SecurityPolicy};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info_span, warn};
+use tracing::{debug, debug_span, warn};
 
 use crate::conn::{ByteCounts, InSpan, Tallied, reset, until_cancelled};
 use crate::identity::spiffe;
@@ -41,7 +41,10 @@ pub(crate) async fn serve(ctx: Arc<PodCtx>, listener: TcpListener) {
             () = ctx.stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let span = info_span!("outbound", src = %canonical(peer));
+                    // Debug level: an enabled span allocates (its formatted fields) for the
+                    // connection's whole life, and at info every warning below names its
+                    // connection itself; the close line carries the rest.
+                    let span = debug_span!("outbound", src = %canonical(peer));
                     ctx.spawn_conn(InSpan::new(handle(ctx.clone(), stream, peer), span));
                 }
                 Err(error) => {
@@ -183,7 +186,7 @@ async fn set_up(ctx: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) -> Option
         Ok(dst) => canonical(dst),
         Err(error) => {
             // Not redirected: someone dialled 15001 directly. Proxying it would loop.
-            warn!(%error, "connection to the outbound port without an original destination; resetting");
+            warn!(%src, %error, "connection to the outbound port without an original destination; resetting");
             reset(stream);
             return None;
         }
@@ -205,7 +208,7 @@ async fn set_up(ctx: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) -> Option
                 // Dropping the socket mid-way resets it (SO_LINGER 0 until the 502 is out).
                 () = ctx.force.cancelled() => blackhole::Answer::Reset("drain period over".into()),
             };
-            warn!(%dst, %reason, %answer, "outbound connection refused");
+            warn!(%src, %dst, %reason, %answer, "outbound connection refused");
             trace.finish(
                 counts.sent(),
                 counts.received(),
@@ -216,7 +219,7 @@ async fn set_up(ctx: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr) -> Option
             return None;
         }
         OutboundAction::Deny(reason) => {
-            warn!(%dst, %reason, "outbound connection refused; resetting");
+            warn!(%src, %dst, %reason, "outbound connection refused; resetting");
             reset(stream);
             let flag = match reason {
                 DenyReason::NoEndpoints { .. } => ResponseFlag::NoHealthyUpstream,
