@@ -51,6 +51,9 @@ struct Args {
     /// LISTEN=TARGET, e.g. 127.0.0.1:18080=aliyun.com:80 or 127.0.0.1:18081=240.240.0.7:80.
     #[arg(long = "map", required = true)]
     maps: Vec<String>,
+    /// Tunnels per pooled HBONE connection before another is opened (ztunnel's pool limit).
+    #[arg(long, default_value_t = hbone::Config::default().max_streams_per_connection)]
+    streams_per_connection: usize,
 }
 
 struct Route {
@@ -123,7 +126,11 @@ fn main() -> anyhow::Result<()> {
         let ca = Arc::new(CertificateAuthority::load_dir(&args.ca_dir).with_context(|| format!("CA in {}", args.ca_dir.display()))?);
         let ids = IdentityManager::new(ca.clone(), ca.trust_bundle(), Duration::from_secs(24 * 3600));
         ids.fetch(&args.identity).await.context("minting the relay's certificate")?;
-        let client = Client::new(ids, hbone::Config::default());
+        let config = hbone::Config {
+            max_streams_per_connection: args.streams_per_connection.max(1),
+            ..hbone::Config::default()
+        };
+        let client = Client::new(ids, config);
         let mut tasks = Vec::new();
         for r in routes {
             let listener = TcpListener::bind(r.listen).await.with_context(|| format!("binding {}", r.listen))?;
