@@ -37,6 +37,8 @@ struct Args {
     send_buffer: Option<usize>,
     /// Overrides `Config::connection_window` (KiB), for tuning runs.
     conn_window: Option<u32>,
+    /// Overrides `Config::max_frame_size` (KiB), for tuning runs.
+    max_frame: Option<u32>,
     /// Overrides `Config::max_streams_per_connection`, for tuning runs.
     streams_per_conn: Option<usize>,
     /// Raise glibc's trim threshold (as the binaries should); off with --glibc-default.
@@ -48,13 +50,14 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         size: 1024 * MIB,
-        reps: 3,
+        reps: 5,
         pings: 20_000,
         sweep: true,
         only: None,
         send_buffer: None,
         tune_malloc: true,
         conn_window: None,
+        max_frame: None,
         streams_per_conn: None,
         shared_runtime: false,
     };
@@ -69,11 +72,12 @@ fn args() -> Args {
             "--shared-runtime" => a.shared_runtime = true,
             "--streams-per-conn" => a.streams_per_conn = it.next().and_then(|v| v.parse().ok()),
             "--conn-window-kib" => a.conn_window = it.next().and_then(|v| v.parse().ok()),
+            "--max-frame-kib" => a.max_frame = it.next().and_then(|v| v.parse().ok()),
             "--only" => a.only = it.next(),
             "--send-buffer-kib" => a.send_buffer = it.next().and_then(|v| v.parse().ok()),
             other => {
                 eprintln!(
-                    "usage: hbone_bench [--size-mib N] [--reps N] [--pings N] [--no-sweep] [--only tcp|tls|tunnel|tls-proxy|hbone-proxy|hundred] [--send-buffer-kib N] [--glibc-default] [--shared-runtime] [--conn-window-kib N] [--streams-per-conn N] (got {other})"
+                    "usage: hbone_bench [--size-mib N] [--reps N] [--pings N] [--no-sweep] [--only tcp|tls|tunnel|tls-proxy|hbone-proxy|hundred] [--send-buffer-kib N] [--glibc-default] [--shared-runtime] [--conn-window-kib N] [--max-frame-kib N] [--streams-per-conn N] (got {other})"
                 );
                 std::process::exit(2);
             }
@@ -444,7 +448,8 @@ async fn measure<F: std::future::Future<Output = io::Result<Duration>>>(
 }
 
 /// The median run by wall time, and the median CPU cost, over `runs`.
-fn summarize(mut runs: Vec<Sample>) -> Sample {
+fn summarize(runs: &[Sample]) -> Sample {
+    let mut runs = runs.to_vec();
     runs.sort_by_key(|s| s.wall);
     let wall = runs[runs.len() / 2].wall;
     runs.sort_by_key(|s| s.cpu);
@@ -462,11 +467,24 @@ fn row(name: &str, bytes: u64, s: Sample) {
     );
 }
 
-fn ratio(name: &str, ours: Sample, base: Sample, target: &str) {
+/// Prints `base / ours` for throughput and CPU efficiency as the median of the per-rep ratios,
+/// with their range. Runs of one rep are measured back to back, so pairing them cancels what
+/// this VM's host does to both alike (throughput here flips between two levels ~40% apart for
+/// seconds at a time, whatever runs); a ratio of two medians would not.
+fn ratio(name: &str, ours: &[Sample], base: &[Sample], target: &str) {
+    let paired = |f: fn(&Sample) -> Duration| {
+        let mut r: Vec<f64> = ours
+            .iter()
+            .zip(base)
+            .map(|(o, b)| f(b).as_secs_f64() / f(o).as_secs_f64())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        (r[r.len() / 2], r[0], r[r.len() - 1])
+    };
+    let (tput, tmin, tmax) = paired(|s| s.wall);
+    let (eff, emin, emax) = paired(|s| s.cpu);
     println!(
-        "  {name:<22} {:7.3} throughput   {:5.3} CPU efficiency   {target}",
-        base.wall.as_secs_f64() / ours.wall.as_secs_f64(),
-        base.cpu.as_secs_f64() / ours.cpu.as_secs_f64(),
+        "  {name:<22} {tput:7.3} throughput ({tmin:.2}-{tmax:.2})   {eff:5.3} CPU efficiency ({emin:.2}-{emax:.2})   {target}",
     );
 }
 
@@ -480,6 +498,9 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
     }
     if let Some(n) = args.streams_per_conn {
         config.max_streams_per_connection = n;
+    }
+    if let Some(kib) = args.max_frame {
+        config.max_frame_size = kib * 1024;
     }
     if let Some(kib) = args.conn_window {
         config.connection_window = kib * 1024;
@@ -508,7 +529,7 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
         return Ok(());
     }
     println!(
-        "HBONE loopback benchmark: {} MiB per run, median of {reps} runs, one process, {}",
+        "HBONE loopback benchmark: {} MiB per run, {reps} interleaved runs (figures: medians; ratios: median and range of the per-run ratios), one process, {}",
         size / MIB,
         if args.shared_runtime {
             "client and server on one 2-worker runtime"
@@ -526,7 +547,7 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
     for _ in 0..reps {
         untuned.push(measure(async { blast(fx.tunnel(SINK).await?, size).await }).await?);
     }
-    let untuned = summarize(untuned);
+    let untuned = summarize(&untuned);
     let tuned = args.tune_malloc && hbone::alloc::tune_glibc_malloc();
 
     let (mut tcp, mut tls, mut tun) = (Vec::new(), Vec::new(), Vec::new());
@@ -535,7 +556,7 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
         tls.push(measure(async { blast(fx.tls(SINK).await?, size).await }).await?);
         tun.push(measure(async { blast(fx.tunnel(SINK).await?, size).await }).await?);
     }
-    let (tcp, tls, tun) = (summarize(tcp), summarize(tls), summarize(tun));
+
     println!("single stream, client writes / server reads (AsyncWrite, AsyncRead), 256 KiB writes");
     println!(
         "  allocator: glibc{}",
@@ -545,11 +566,11 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
             " defaults"
         }
     );
-    row("plain TCP", size, tcp);
-    row("plain TLS 1.3", size, tls);
-    row("HBONE tunnel", size, tun);
+    row("plain TCP", size, summarize(&tcp));
+    row("plain TLS 1.3", size, summarize(&tls));
+    row("HBONE tunnel", size, summarize(&tun));
     row("HBONE, default malloc", size, untuned);
-    ratio("tunnel / TLS", tun, tls, "(target >= 0.85)");
+    ratio("tunnel / TLS", &tun, &tls, "(target >= 0.85)");
     println!();
 
     // --- proxied: the path ztunnel and the waypoint put traffic on ---
@@ -558,11 +579,10 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
         ptls.push(measure(async { blast(connect(fx.tls_proxy).await?, size).await }).await?);
         ptun.push(measure(async { blast(connect(fx.hbone_proxy).await?, size).await }).await?);
     }
-    let (ptls, ptun) = (summarize(ptls), summarize(ptun));
     println!("proxied single stream: app -TCP-> proxy -(TLS | HBONE)-> proxy -TCP-> sink");
-    row("TLS proxies", size, ptls);
-    row("HBONE + copy helper", size, ptun);
-    ratio("HBONE / TLS", ptun, ptls, "");
+    row("TLS proxies", size, summarize(&ptls));
+    row("HBONE + copy helper", size, summarize(&ptun));
+    ratio("HBONE / TLS", &ptun, &ptls, "");
     println!();
 
     // --- latency ---
@@ -590,14 +610,13 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
         one.push(measure(async { blast(fx.tunnel(SINK).await?, per * 100).await }).await?);
         hundred.push(measure(hundred_streams(&fx, per)).await?);
     }
-    let (one, hundred) = (summarize(one), summarize(hundred));
     println!(
         "aggregate throughput on one pooled connection (connections opened so far: {})",
         fx.client.pool_stats().connections_opened
     );
-    row("1 stream", per * 100, one);
-    row("100 streams", per * 100, hundred);
-    ratio("100 / 1", hundred, one, "(target >= 1.0)");
+    row("1 stream", per * 100, summarize(&one));
+    row("100 streams", per * 100, summarize(&hundred));
+    ratio("100 / 1", &hundred, &one, "(target >= 1.0)");
     println!();
 
     // --- flow-control sweep ---
@@ -624,7 +643,7 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
             for _ in 0..reps {
                 runs.push(measure(async { blast(fx.tunnel(SINK).await?, size / 2).await }).await?);
             }
-            row(name, size / 2, summarize(runs));
+            row(name, size / 2, summarize(&runs));
         }
         println!();
     }
