@@ -414,10 +414,9 @@ pub fn compile(res: &Resources, errors: &mut Vec<ConfigError>) -> Snapshot {
         .into_iter()
         .map(|(k, v)| (k, Arc::new(v)))
         .collect();
-    snap.authz_by_service = by_service
-        .into_iter()
-        .map(|(k, v)| (k, Arc::new(v)))
-        .collect();
+    for ((kind, name), v) in by_service {
+        snap.authz_by_service[kind as usize].insert(name, Arc::new(v));
+    }
     let mut interned: HashMap<Vec<usize>, Arc<AuthzPolicies>> = HashMap::new();
     for p in &mut pods {
         if p.w.waypoint_of.is_some() {

@@ -4,19 +4,23 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+/// Looked up on every request: foldhash, not SipHash. The keys come from configuration, so
+/// no client can choose colliding ones.
+type Map<T> = HashMap<String, T, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone)]
 pub struct HostMap<T> {
-    exact: HashMap<String, T>,
+    exact: Map<T>,
     /// Keyed by the suffix including its leading dot (`.example.com`).
-    wildcard: HashMap<String, T>,
+    wildcard: Map<T>,
     any: Option<T>,
 }
 
 impl<T> Default for HostMap<T> {
     fn default() -> Self {
         HostMap {
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
+            exact: Map::default(),
+            wildcard: Map::default(),
             any: None,
         }
     }

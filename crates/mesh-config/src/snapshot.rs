@@ -562,7 +562,8 @@ pub struct Snapshot {
     #[serde(serialize_with = "ser::display_keys")]
     pub(crate) authz_by_gateway: BTreeMap<NamespacedName, Arc<AuthzPolicies>>,
     #[serde(serialize_with = "ser::service_keys")]
-    pub(crate) authz_by_service: BTreeMap<(ServiceKind, NamespacedName), Arc<AuthzPolicies>>,
+    /// By [`ServiceKind`] (as index) then name: looked up per request without building a key.
+    pub(crate) authz_by_service: [BTreeMap<NamespacedName, Arc<AuthzPolicies>>; 2],
     #[serde(skip)]
     pub(crate) empty_authz: Arc<AuthzPolicies>,
     #[serde(serialize_with = "ser::sorted")]
@@ -684,8 +685,8 @@ impl Snapshot {
 
     /// Authorization policies attached to a service (targetRefs kind Service / ServiceEntry).
     pub fn authz_for_service(&self, service: &Service) -> &Arc<AuthzPolicies> {
-        self.authz_by_service
-            .get(&(service.kind, service.name.clone()))
+        self.authz_by_service[service.kind as usize]
+            .get(&service.name)
             .unwrap_or(&self.empty_authz)
     }
 
@@ -788,12 +789,14 @@ mod ser {
     }
 
     pub fn service_keys<S: Serializer, V: Serialize>(
-        m: &BTreeMap<(ServiceKind, NamespacedName), V>,
+        m: &[BTreeMap<NamespacedName, V>; 2],
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(m.len()))?;
-        for ((kind, name), v) in m {
-            map.serialize_entry(&format!("{kind:?} {name}"), v)?;
+        let mut map = s.serialize_map(Some(m[0].len() + m[1].len()))?;
+        for kind in [ServiceKind::Service, ServiceKind::ServiceEntry] {
+            for (name, v) in &m[kind as usize] {
+                map.serialize_entry(&format!("{kind:?} {name}"), v)?;
+            }
         }
         map.end()
     }

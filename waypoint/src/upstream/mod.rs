@@ -25,6 +25,9 @@ pub use pool::{HttpVersion, Lease, PoolKey, PoolLimits, PooledBody, Pools};
 pub use resolver::{DnsError, DnsResolver};
 pub use tls::{Credential, TlsError, TlsSpec};
 
+/// Maps looked up per request, keyed from the configuration: foldhash, not SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Why no upstream connection could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -300,7 +303,7 @@ struct CacheInner {
     /// service addresses in the keys cannot be reused while the entries exist.
     snapshot: Option<Arc<Snapshot>>,
     /// (service address within that snapshot, port, subset, downstream version).
-    clusters: HashMap<(usize, u16, Option<String>, HttpVersion), Arc<Cluster>>,
+    clusters: FastMap<(usize, u16, Option<String>, HttpVersion), Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for ClusterCache {
@@ -364,9 +367,9 @@ pub struct Upstream {
     /// Clusters of the current snapshot.
     pub clusters: ClusterCache,
     /// Round-robin position per cluster name.
-    next: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    next: Mutex<FastMap<String, Arc<AtomicUsize>>>,
     /// Outlier state per cluster name (clusters with `outlierDetection` only).
-    outliers: Mutex<HashMap<String, outlier::Detector>>,
+    outliers: Mutex<FastMap<String, outlier::Detector>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -383,8 +386,8 @@ impl Upstream {
             resolver: DnsResolver::new(dns_server)?,
             pools: Pools::with_mesh(mesh),
             clusters: ClusterCache::default(),
-            next: Mutex::new(HashMap::new()),
-            outliers: Mutex::new(HashMap::new()),
+            next: Mutex::default(),
+            outliers: Mutex::default(),
         })
     }
 

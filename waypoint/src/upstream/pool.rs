@@ -42,6 +42,10 @@ use super::mesh::{HboneTarget, MeshClient};
 use super::tls::{self, TlsCache, TlsSpec};
 use crate::http::body::{BoxError, ProxyBody};
 
+/// The pools by key, looked up per request: foldhash, not SipHash (keys come from the
+/// configuration and resolved addresses).
+type PoolMap = HashMap<PoolKey, Arc<EndpointPool>, foldhash::fast::RandomState>;
+
 /// HTTP version spoken to an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HttpVersion {
@@ -343,7 +347,7 @@ impl EndpointPool {
 
 /// All pools.
 pub struct Pools {
-    pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>>,
+    pools: Arc<Mutex<PoolMap>>,
     tls: TlsCache,
     /// Tunnels to mesh endpoints; without it they fail (never plaintext).
     mesh: Option<MeshClient>,
@@ -372,8 +376,8 @@ impl Pools {
 
     /// [`Pools::new`] with the client that opens tunnels to mesh endpoints.
     pub fn with_mesh(mesh: Option<MeshClient>) -> Self {
-        let pools: Arc<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::default();
-        let weak: Weak<Mutex<HashMap<PoolKey, Arc<EndpointPool>>>> = Arc::downgrade(&pools);
+        let pools: Arc<Mutex<PoolMap>> = Arc::default();
+        let weak: Weak<Mutex<PoolMap>> = Arc::downgrade(&pools);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
