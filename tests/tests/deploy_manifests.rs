@@ -980,6 +980,12 @@ fn rbac_is_least_privilege() {
                 "{}: wildcard grant {g}/{r}/{v}",
                 role.name()
             );
+            if role.name() == "strait-waypoint-secrets" {
+                // Reading Secrets, and only that; bound per namespace (checked below).
+                assert_eq!((g.as_str(), r.as_str()), ("", "secrets"));
+                assert!(matches!(v.as_str(), "get" | "list" | "watch"), "{v}");
+                continue;
+            }
             assert!(
                 !matches!(
                     r.as_str(),
@@ -1061,6 +1067,15 @@ fn rbac_is_least_privilege() {
     .map(|(s, r)| ((*s).to_owned(), (*r).to_owned()))
     .collect();
     assert_eq!(bound, expected_bindings);
+    // The Secret reader is never bound cluster-wide (the set above has no such binding) and
+    // is documented with its per-namespace RoleBinding.
+    let readme = std::fs::read_to_string(repo_root().join("deploy/README.md")).expect("README");
+    assert!(
+        readme.contains(
+            "create rolebinding strait-waypoint-secrets --clusterrole=strait-waypoint-secrets"
+        ),
+        "deploy/README.md must show the RoleBinding for strait-waypoint-secrets"
+    );
 
     let controller = grants(&find(&docs, "ClusterRole", "strait-waypoint-controller").value);
     let has = |g: &str, r: &str, v: &str| controller.contains(&(g.into(), r.into(), v.into()));

@@ -175,8 +175,13 @@ pub async fn run(
     let (store, kube_handle) = match opts.config_source {
         kube_source::ConfigSource::Kube => {
             let (store, handle) =
-                kube_source::KubeSource::start_default(kube_source::KubeSourceOptions::default())
-                    .await?;
+                kube_source::KubeSource::start_default(kube_source::KubeSourceOptions {
+                    // DestinationRule credentialName: Secrets of our own namespace, as Istio's
+                    // gateways read them.
+                    secret_namespace: Some(opts.gateway.namespace.clone()),
+                    ..Default::default()
+                })
+                .await?;
             (store, Some(handle))
         }
         kube_source::ConfigSource::Dir => match &opts.config_dir {

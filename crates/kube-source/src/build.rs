@@ -3,7 +3,7 @@
 //! Each object becomes one JSON "file" (JSON is YAML) named `<namespace>/<plural>/<name>` (or
 //! `<plural>/<name>` for cluster-scoped kinds), so mesh-config's errors read
 //! `istio-egress/virtualservices/foo:document 1: VirtualService istio-egress/foo: spec…: …`.
-use crate::kinds::{KINDS, KindSpec, NAMESPACE, POD};
+use crate::kinds::{DESTINATION_RULE, KINDS, KindSpec, NAMESPACE, POD, SECRET};
 use crate::netns::{NetnsDiscovery, normalise_uid_any};
 use kube::api::DynamicObject;
 use mesh_config::snapshot::{CAPTURED_ANNOTATION, DATAPLANE_MODE_LABEL, NETNS_ANNOTATION};
@@ -102,6 +102,46 @@ fn captured_anywhere(pod: &DynamicObject, enrolled: &Enrolled) -> bool {
         .is_some_and(|node| captured_on(pod, node, enrolled))
 }
 
+/// Every `credentialName` a DestinationRule gives (at any level: traffic policy, port-level,
+/// subsets). Walked generically so that no placement of the field is missed.
+fn credential_names(rules: &[Arc<DynamicObject>]) -> HashSet<&str> {
+    fn walk<'a>(v: &'a Value, out: &mut HashSet<&'a str>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("credentialName", Value::String(name)) => {
+                            out.insert(name.as_str());
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = HashSet::new();
+    for rule in rules {
+        walk(&rule.data, &mut out);
+    }
+    out
+}
+
+/// Whether a Secret is one a DestinationRule names (or its `<name>-cacert` CA companion).
+/// Only those reach the loader: the rest of a namespace's Secrets (service-account tokens,
+/// Helm releases, API keys under a `key` field) are none of ours, and decoding them as TLS
+/// material could only fail the whole snapshot over data nobody asked us to use.
+fn is_referenced(secret: &DynamicObject, names: &HashSet<&str>) -> bool {
+    let Some(name) = secret.metadata.name.as_deref() else {
+        return false;
+    };
+    names.contains(name)
+        || name
+            .strip_suffix(mesh_config::secret::CA_SECRET_SUFFIX)
+            .is_some_and(|n| names.contains(n))
+}
+
 /// Turns the cached objects into loader sources, each kind at the version it is watched at
 /// (`versions`, index-aligned with [`KINDS`]). With `netns` (ztunnel: node name and
 /// discovery), pods on that node get the [`NETNS_ANNOTATION`] of their network namespace.
@@ -130,9 +170,17 @@ pub(crate) fn sources(
         wanted = uids.len();
         found = discovery.resolve(uids);
     }
+    let credentials = objects
+        .get(DESTINATION_RULE)
+        .map(|rules| credential_names(rules))
+        .unwrap_or_default();
     let mut out = Sources::default();
     for ((spec, objs), version) in KINDS.iter().zip(objects).zip(versions) {
-        let mut sorted: Vec<&Arc<DynamicObject>> = objs.iter().collect();
+        let is_secret = std::ptr::eq(spec, &KINDS[SECRET]);
+        let mut sorted: Vec<&Arc<DynamicObject>> = objs
+            .iter()
+            .filter(|o| !is_secret || is_referenced(o, &credentials))
+            .collect();
         // Stable input order: the loader reports duplicates and merges VirtualServices in
         // load order, and a stable text lets unchanged input skip the rebuild.
         sorted.sort_by(|a, b| {
@@ -277,6 +325,63 @@ mod tests {
         let v: Value = serde_json::from_str(&s.files[0].1).expect("json");
         assert_eq!(v["apiVersion"], "networking.istio.io/v1beta1");
         assert_eq!(v["kind"], "VirtualService");
+    }
+
+    #[test]
+    fn only_secrets_a_destination_rule_names_reach_the_loader() {
+        let secret = |name: &str| {
+            obj(serde_json::json!({
+                "metadata": {"name": name, "namespace": "istio-egress"},
+                "type": "Opaque",
+                // Not PEM: decoded as TLS material this would fail the snapshot.
+                "data": {"key": "c2stbGl2ZS0xMjM="},
+            }))
+        };
+        let mut o: Objects = vec![Vec::new(); KINDS.len()];
+        o[SECRET] = [
+            "helm-release",
+            "client-cert",
+            "client-cert-cacert",
+            "subset-cert",
+            "port-cert-cacert",
+            "api-key",
+        ]
+        .into_iter()
+        .map(secret)
+        .collect();
+        // (names given at the top level, in a subset, and port-level) → the Secrets kept.
+        let rule = obj(serde_json::json!({
+            "metadata": {"name": "aliyun", "namespace": "istio-egress"},
+            "spec": {
+                "host": "aliyun.com",
+                "trafficPolicy": {
+                    "tls": {"mode": "MUTUAL", "credentialName": "client-cert"},
+                    "portLevelSettings": [
+                        {"port": {"number": 443}, "tls": {"mode": "SIMPLE", "credentialName": "port-cert"}},
+                    ],
+                },
+                "subsets": [{"name": "v1", "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "subset-cert"}}}],
+            },
+        }));
+        let secrets_of = |o: &Objects| -> Vec<String> {
+            sources(o, &preferred(), None)
+                .files
+                .into_iter()
+                .map(|(name, _)| name)
+                .filter(|n| n.contains("/secrets/"))
+                .collect()
+        };
+        assert!(secrets_of(&o).is_empty(), "no rule names a Secret yet");
+        o[DESTINATION_RULE] = vec![rule];
+        assert_eq!(
+            secrets_of(&o),
+            [
+                "istio-egress/secrets/client-cert",
+                "istio-egress/secrets/client-cert-cacert",
+                "istio-egress/secrets/port-cert-cacert",
+                "istio-egress/secrets/subset-cert",
+            ]
+        );
     }
 
     fn objects(pods: Vec<Arc<DynamicObject>>) -> Objects {

@@ -18,6 +18,11 @@ pub enum Scope {
         namespace: &'static str,
         name: &'static str,
     },
+    /// Every object of one namespace chosen at run time
+    /// ([`KubeSourceOptions::secret_namespace`](crate::KubeSourceOptions::secret_namespace));
+    /// not watched at all without one. Secrets: a waypoint reads `credentialName` Secrets
+    /// from its own namespace, as Istio's gateways do, so its RBAC grant is one Role there.
+    OwnNamespace,
 }
 
 /// One watched resource.
@@ -95,6 +100,10 @@ const fn all(
 pub const NAMESPACE: usize = 0;
 /// Index of the Pod kind in [`KINDS`] (netns discovery annotates these objects).
 pub const POD: usize = 2;
+/// Index of the DestinationRule kind in [`KINDS`] (their `credentialName`s pick the Secrets).
+pub const DESTINATION_RULE: usize = 5;
+/// Index of the Secret kind in [`KINDS`].
+pub const SECRET: usize = 11;
 
 const V1: &[&str] = &["v1"];
 /// `v1` since Istio 1.22; older control planes serve `v1beta1` and `v1alpha3` only.
@@ -170,6 +179,13 @@ pub const KINDS: &[KindSpec] = &[
         &["v1beta1"],
         "asmegresstrafficpolicies",
     ),
+    KindSpec {
+        kind: "Secret",
+        group: "",
+        versions: V1,
+        plural: "secrets",
+        scope: Scope::OwnNamespace,
+    },
 ];
 
 #[cfg(test)]
@@ -210,7 +226,8 @@ mod tests {
                 + r.authorization_policies.len()
                 + r.gateways.len()
                 + r.http_routes.len()
-                + r.egress_policies.len();
+                + r.egress_policies.len()
+                + r.secrets.len();
             // Objects without a spec may fail validation; what matters is that the loader
             // read them as this kind (no skip, no apiVersion error).
             let typed = objects == 1
@@ -227,6 +244,8 @@ mod tests {
             );
         }
         assert_eq!(KINDS[POD].kind, "Pod");
+        assert_eq!(KINDS[SECRET].kind, "Secret");
+        assert_eq!(KINDS[DESTINATION_RULE].kind, "DestinationRule");
         assert!(KINDS.iter().all(|k| !k.versions.is_empty()));
     }
 

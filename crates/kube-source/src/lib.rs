@@ -11,6 +11,10 @@
 //! No snapshot is published before every kind has been listed once (a kind whose CRD is not
 //! installed counts as listed and empty), so readers never see a half-loaded mesh.
 //!
+//! Secrets are read by a waypoint only ([`KubeSourceOptions::secret_namespace`]), in its own
+//! namespace, and only those a DestinationRule names as `credentialName` reach the loader; a
+//! 403 there (no RoleBinding) counts as listed and empty.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), kube_source::KubeSourceError> {
 //! let opts = kube_source::KubeSourceOptions::default();
@@ -107,6 +111,9 @@ pub struct KubeSourceOptions {
     pub debounce: Duration,
     /// How long [`KubeSource::start`] waits for the first valid snapshot.
     pub initial_sync_timeout: Duration,
+    /// Waypoint: its own namespace, whose Secrets are watched for DestinationRule
+    /// `credentialName` (Istio's rule for gateways). `None` (ztunnel): no Secret is read.
+    pub secret_namespace: Option<String>,
 }
 
 impl Default for KubeSourceOptions {
@@ -116,6 +123,7 @@ impl Default for KubeSourceOptions {
             proc_root: PathBuf::from("/proc"),
             debounce: mesh_config::store::DEBOUNCE,
             initial_sync_timeout: Duration::from_secs(60),
+            secret_namespace: None,
         }
     }
 }
@@ -250,9 +258,21 @@ impl KubeSource {
             // The store's key type only; objects keep their keys across version switches.
             let writer = reflector::store::Writer::new(spec.api_resource(spec.preferred_version()));
             stores.push(writer.as_reader());
+            let namespace = match spec.scope {
+                Scope::OwnNamespace => match &opts.secret_namespace {
+                    Some(ns) => Some(ns.clone()),
+                    None => {
+                        // Not wanted: listed and empty from the start.
+                        shared.kinds[i].listed.store(true, Ordering::Release);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
             tasks.push(tokio::spawn(watch_kind(
                 i,
                 client.clone(),
+                namespace,
                 writer,
                 shared.clone(),
             )));
@@ -353,6 +373,16 @@ fn is_404(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404 || s.is_not_found())
 }
 
+/// A 403: the service account may not list this resource here.
+fn is_forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => {
+            matches!(e, kube::Error::Api(s) if s.code == 403)
+        }
+        _ => false,
+    }
+}
+
 fn is_not_found(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => is_404(e),
@@ -398,6 +428,7 @@ enum WatchEnd {
 async fn watch_kind(
     index: usize,
     client: kube::Client,
+    namespace: Option<String>,
     mut writer: reflector::store::Writer<DynamicObject>,
     shared: Arc<Shared>,
 ) {
@@ -430,7 +461,16 @@ async fn watch_kind(
         };
         shared.use_version(index, version);
         let lists_before = lists;
-        let end = watch_version(index, &client, version, &mut writer, &shared, &mut lists).await;
+        let end = watch_version(
+            index,
+            &client,
+            namespace.as_deref(),
+            version,
+            &mut writer,
+            &shared,
+            &mut lists,
+        )
+        .await;
         if lists > lists_before {
             // It was served and listed: the next disappearance starts from a short delay.
             backoff.reset();
@@ -450,9 +490,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Runs one watcher of `KINDS[index]` at `version` into `writer`. Returns when the resource
 /// turns out not to be served at this version and the kind can discover another; otherwise
 /// a 404 means "CRD not installed" and the watcher keeps retrying by itself.
+#[allow(clippy::too_many_arguments)]
 async fn watch_version(
     index: usize,
     client: &kube::Client,
+    namespace: Option<&str>,
     version: &'static str,
     writer: &mut reflector::store::Writer<DynamicObject>,
     shared: &Shared,
@@ -471,6 +513,14 @@ async fn watch_version(
         Scope::Single { namespace, name } => (
             Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
+        ),
+        Scope::OwnNamespace => (
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                namespace.unwrap_or_default(),
+                &ar,
+            ),
+            watcher::Config::default(),
         ),
     };
     let stream = watcher(api, config).default_backoff().modify(build::strip);
@@ -522,6 +572,16 @@ async fn watch_version(
                         version, "not served at this version any more; rediscovering"
                     );
                     return WatchEnd::NotServed;
+                }
+            }
+            // The waypoint's Secrets are optional: without the RoleBinding in its namespace it
+            // still serves, and rules naming a credentialName fail with "Secret not found".
+            Err(e) if spec.scope == Scope::OwnNamespace && is_forbidden(&e) => {
+                m.errors.with_label_values(&[kind]).inc();
+                if !state.listed.swap(true, Ordering::AcqRel) {
+                    warn!(kind, namespace = namespace.unwrap_or_default(), error = %e,
+                        "may not read Secrets here (no RoleBinding to strait-waypoint-secrets, see deploy/README.md); DestinationRule credentialName will not resolve; retrying with backoff");
+                    shared.changed.notify_one();
                 }
             }
             Err(e) => {

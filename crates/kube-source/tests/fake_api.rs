@@ -25,6 +25,8 @@ const VIRTUAL_SERVICES: &str = "/apis/networking.istio.io/v1/virtualservices";
 const AUTHZ: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+/// Secrets are read in the waypoint's own namespace only.
+const EGRESS_SECRETS: &str = "/api/v1/namespaces/istio-egress/secrets";
 
 /// The same resource path at `v1beta1` (what Istio < 1.22 serves).
 fn v1beta1(path: &str) -> String {
@@ -325,6 +327,7 @@ async fn follows_the_cluster() {
         proc_root: proc.path().to_path_buf(),
         debounce: Duration::from_millis(50),
         initial_sync_timeout: Duration::from_secs(20),
+        secret_namespace: None,
     };
     let (store, handle) = KubeSource::start(api.client(), opts)
         .await
@@ -332,6 +335,12 @@ async fn follows_the_cluster() {
     assert!(handle.is_ready());
     assert_eq!(store.generation(), 1);
     assert_eq!(handle.missing_kinds(), ["ASMEgressTrafficPolicy"]);
+    // ztunnel (no secret namespace) never asks for a Secret.
+    assert!(
+        !api.state().requests.iter().any(|r| r.contains("secrets")),
+        "{:?}",
+        api.state().requests
+    );
     let m = handle.metrics();
     assert_eq!(m.reloads("ok"), 1);
     // A current control plane: everything at the preferred version, no fallback.
@@ -700,4 +709,122 @@ async fn a_crd_installed_later_is_discovered_at_its_version() {
     assert_eq!(m.resource_version("VirtualService", "v1beta1"), 1);
     assert_eq!(m.resource_version("VirtualService", "v1"), 0);
     assert!(!handle.missing_kinds().contains(&"VirtualService"));
+}
+
+/// A waypoint's source: Secrets listed and watched in its own namespace only, and of those only
+/// the ones a DestinationRule names as `credentialName` reach the snapshot — another Secret of
+/// the namespace whose `key` is not PEM does not fail the configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_reads_credential_secrets_from_its_namespace() {
+    let api = FakeApi::default();
+    for p in [
+        NAMESPACES,
+        SERVICES,
+        PODS,
+        CONFIGMAPS,
+        SERVICE_ENTRIES,
+        VIRTUAL_SERVICES,
+        AUTHZ,
+        GATEWAYS,
+        HTTP_ROUTES,
+    ] {
+        api.set_list(p, vec![], "1");
+    }
+    api.set_list(
+        DESTINATION_RULES,
+        vec![json!({
+            "metadata": meta(Some("istio-egress"), "aliyun", "4"),
+            "spec": {"host": "aliyun.com",
+                     "trafficPolicy": {"tls": {"mode": "MUTUAL", "credentialName": "aliyun-client"}}}
+        })],
+        "4",
+    );
+    let pem = |label: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!(
+            "-----BEGIN {label}-----\nQUJD\n-----END {label}-----\n"
+        ))
+    };
+    api.set_list(
+        EGRESS_SECRETS,
+        vec![
+            json!({"metadata": meta(Some("istio-egress"), "aliyun-client", "5"),
+                   "type": "kubernetes.io/tls",
+                   "data": {"tls.crt": pem("CERTIFICATE"), "tls.key": pem("PRIVATE KEY")}}),
+            json!({"metadata": meta(Some("istio-egress"), "payments-api", "6"),
+                   "type": "Opaque", "data": {"key": "c2stbGl2ZS0xMjM="}}),
+        ],
+        "6",
+    );
+    let opts = KubeSourceOptions {
+        debounce: Duration::from_millis(20),
+        initial_sync_timeout: Duration::from_secs(20),
+        secret_namespace: Some("istio-egress".into()),
+        ..KubeSourceOptions::default()
+    };
+    let (store, _handle) = KubeSource::start(api.client(), opts)
+        .await
+        .expect("initial sync despite the non-TLS Secret");
+    let dump = serde_json::to_string(&*store.current()).expect("dump");
+    assert!(dump.contains("\"istio-egress/aliyun-client\""), "{dump}");
+    assert!(!dump.contains("payments-api"), "{dump}");
+    assert!(api.requests(EGRESS_SECRETS) >= 1);
+    assert_eq!(api.requests("/api/v1/secrets"), 0, "never cluster-wide");
+}
+
+/// Without the RoleBinding that lets it read Secrets (403), a waypoint still starts: the kind
+/// counts as listed and empty, and it keeps retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_without_secret_rbac_still_starts() {
+    let inner = FakeApi::default();
+    for p in [
+        NAMESPACES,
+        SERVICES,
+        PODS,
+        CONFIGMAPS,
+        SERVICE_ENTRIES,
+        DESTINATION_RULES,
+        VIRTUAL_SERVICES,
+        AUTHZ,
+        GATEWAYS,
+        HTTP_ROUTES,
+    ] {
+        inner.set_list(p, vec![], "1");
+    }
+    let (svc, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
+    let api = inner.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let api = api.clone();
+            let uri = req.uri().clone();
+            tokio::spawn(async move {
+                let resp = if uri.path() == EGRESS_SECRETS {
+                    api.state().requests.push(uri.path().to_owned());
+                    reply(
+                        StatusCode::FORBIDDEN,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "code": 403, "reason": "Forbidden",
+                               "message": "secrets is forbidden: User \"system:serviceaccount:istio-egress:waypoint\" cannot list resource \"secrets\""})
+                        .to_string(),
+                    )
+                } else {
+                    api.answer(uri).await
+                };
+                send.send_response(resp);
+            });
+        }
+    });
+    let opts = KubeSourceOptions {
+        debounce: Duration::from_millis(20),
+        initial_sync_timeout: Duration::from_secs(10),
+        secret_namespace: Some("istio-egress".into()),
+        ..KubeSourceOptions::default()
+    };
+    let (store, source) = KubeSource::start(kube::Client::new(svc, "default"), opts)
+        .await
+        .expect("starts without Secret access");
+    assert_eq!(store.generation(), 1);
+    assert!(source.metrics().watch_errors("Secret") >= 1);
+    assert!(inner.requests(EGRESS_SECRETS) >= 1);
 }

@@ -54,6 +54,11 @@ struct Args {
     /// Tunnels per pooled HBONE connection before another is opened (ztunnel's pool limit).
     #[arg(long, default_value_t = hbone::Config::default().max_streams_per_connection)]
     streams_per_connection: usize,
+    /// 0: one single-threaded runtime (the default). N: a work-stealing runtime with N workers,
+    /// whose LIFO slot runs the HBONE connection task right after the tunnel that woke it, so
+    /// requests leave one by one instead of in a burst per event-loop pass.
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 struct Route {
@@ -119,9 +124,15 @@ fn main() -> anyhow::Result<()> {
     let routes = parse_routes(&args)?;
     // One thread, like one waypoint worker: the relay shares the bench's two cores with the
     // waypoint, and a single-threaded runtime spends less of them on cross-thread wake-ups.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = match args.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async move {
         let ca = Arc::new(CertificateAuthority::load_dir(&args.ca_dir).with_context(|| format!("CA in {}", args.ca_dir.display()))?);
         let ids = IdentityManager::new(ca.clone(), ca.trust_bundle(), Duration::from_secs(24 * 3600));
