@@ -28,6 +28,21 @@ const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 /// Secrets are read in the waypoint's own namespace only.
 const EGRESS_SECRETS: &str = "/api/v1/namespaces/istio-egress/secrets";
 
+/// The list paths of every kind a cluster without the optional CRD (ASMEgressTrafficPolicy)
+/// serves, at their preferred versions.
+const CORE_LISTS: [&str; 10] = [
+    NAMESPACES,
+    SERVICES,
+    PODS,
+    CONFIGMAPS,
+    SERVICE_ENTRIES,
+    DESTINATION_RULES,
+    VIRTUAL_SERVICES,
+    AUTHZ,
+    GATEWAYS,
+    HTTP_ROUTES,
+];
+
 /// The same resource path at `v1beta1` (what Istio < 1.22 serves).
 fn v1beta1(path: &str) -> String {
     path.replacen("/v1/", "/v1beta1/", 1)
@@ -44,6 +59,8 @@ struct State {
     lists: HashMap<String, ListReply>,
     /// Bodies (newline-separated watch events) for the next watch requests, per path.
     watches: HashMap<String, VecDeque<String>>,
+    /// Paths answered with an error Status (code, reason, message) instead.
+    failures: HashMap<String, (StatusCode, &'static str, &'static str)>,
     requests: Vec<String>,
 }
 
@@ -113,6 +130,20 @@ impl FakeApi {
             .push_back(body);
     }
 
+    /// From now on `path` answers every request with this error Status.
+    fn fail(&self, path: &str, code: StatusCode, reason: &'static str, message: &'static str) {
+        self.state()
+            .failures
+            .insert(path.to_owned(), (code, reason, message));
+    }
+
+    /// Serves an empty list at every path of [`CORE_LISTS`] but `except`.
+    fn empty_lists_except(&self, except: &[&str]) {
+        for p in CORE_LISTS.iter().filter(|p| !except.contains(p)) {
+            self.set_list(p, vec![], "1");
+        }
+    }
+
     fn requests(&self, path: &str) -> usize {
         self.state()
             .requests
@@ -142,6 +173,14 @@ impl FakeApi {
         let path = uri.path().to_owned();
         let query = uri.query().unwrap_or("").to_owned();
         self.state().requests.push(format!("{path}?{query}"));
+        if let Some((code, reason, message)) = self.state().failures.get(&path).copied() {
+            return reply(
+                code,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "code": code.as_u16(), "reason": reason, "message": message})
+                .to_string(),
+            );
+        }
         if query.split('&').any(|p| p == "watch=true") {
             // Held open until the test queues events, like a quiet watch.
             loop {
@@ -456,47 +495,19 @@ async fn waits_for_every_kind_before_the_first_snapshot() {
     // Pods never list (the server keeps failing with 500): no snapshot is published, and the
     // timeout names the kind.
     let api = FakeApi::default();
-    for (p, rv) in [
-        (NAMESPACES, "1"),
-        (SERVICES, "1"),
-        (CONFIGMAPS, "1"),
-        (SERVICE_ENTRIES, "1"),
-        (DESTINATION_RULES, "1"),
-        (VIRTUAL_SERVICES, "1"),
-        (AUTHZ, "1"),
-        (GATEWAYS, "1"),
-        (HTTP_ROUTES, "1"),
-    ] {
-        api.set_list(p, vec![], rv);
-    }
-    let (svc, mut handle) =
-        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
-    let inner = api.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let inner = inner.clone();
-            let uri = req.uri().clone();
-            tokio::spawn(async move {
-                let resp = if uri.path() == PODS {
-                    reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                               "code": 500, "reason": "InternalError", "message": "etcd down"})
-                        .to_string(),
-                    )
-                } else {
-                    inner.answer(uri).await
-                };
-                send.send_response(resp);
-            });
-        }
-    });
+    api.empty_lists_except(&[PODS]);
+    api.fail(
+        PODS,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        "etcd down",
+    );
     let opts = KubeSourceOptions {
         initial_sync_timeout: Duration::from_secs(2),
         debounce: Duration::from_millis(20),
         ..KubeSourceOptions::default()
     };
-    let source = KubeSource::spawn(kube::Client::new(svc, "default"), opts.clone()).expect("spawn");
+    let source = KubeSource::spawn(api.client(), opts.clone()).expect("spawn");
     let err = source
         .wait_ready(opts.initial_sync_timeout)
         .await
@@ -512,19 +523,7 @@ async fn waits_for_every_kind_before_the_first_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_cluster_is_reported_at_startup() {
     let api = FakeApi::default();
-    for p in [
-        NAMESPACES,
-        SERVICES,
-        PODS,
-        CONFIGMAPS,
-        SERVICE_ENTRIES,
-        DESTINATION_RULES,
-        AUTHZ,
-        GATEWAYS,
-        HTTP_ROUTES,
-    ] {
-        api.set_list(p, vec![], "1");
-    }
+    api.empty_lists_except(&[VIRTUAL_SERVICES]);
     api.set_list(
         VIRTUAL_SERVICES,
         vec![virtual_service("2", false, Some(("bogus", json!(1))))],
@@ -717,19 +716,7 @@ async fn a_crd_installed_later_is_discovered_at_its_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_reads_credential_secrets_from_its_namespace() {
     let api = FakeApi::default();
-    for p in [
-        NAMESPACES,
-        SERVICES,
-        PODS,
-        CONFIGMAPS,
-        SERVICE_ENTRIES,
-        VIRTUAL_SERVICES,
-        AUTHZ,
-        GATEWAYS,
-        HTTP_ROUTES,
-    ] {
-        api.set_list(p, vec![], "1");
-    }
+    api.empty_lists_except(&[DESTINATION_RULES]);
     api.set_list(
         DESTINATION_RULES,
         vec![json!({
@@ -776,55 +763,24 @@ async fn waypoint_reads_credential_secrets_from_its_namespace() {
 /// counts as listed and empty, and it keeps retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_without_secret_rbac_still_starts() {
-    let inner = FakeApi::default();
-    for p in [
-        NAMESPACES,
-        SERVICES,
-        PODS,
-        CONFIGMAPS,
-        SERVICE_ENTRIES,
-        DESTINATION_RULES,
-        VIRTUAL_SERVICES,
-        AUTHZ,
-        GATEWAYS,
-        HTTP_ROUTES,
-    ] {
-        inner.set_list(p, vec![], "1");
-    }
-    let (svc, mut handle) =
-        tower_test::mock::pair::<Request<kube::client::Body>, Response<Full<Bytes>>>();
-    let api = inner.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let api = api.clone();
-            let uri = req.uri().clone();
-            tokio::spawn(async move {
-                let resp = if uri.path() == EGRESS_SECRETS {
-                    api.state().requests.push(uri.path().to_owned());
-                    reply(
-                        StatusCode::FORBIDDEN,
-                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                               "code": 403, "reason": "Forbidden",
-                               "message": "secrets is forbidden: User \"system:serviceaccount:istio-egress:waypoint\" cannot list resource \"secrets\""})
-                        .to_string(),
-                    )
-                } else {
-                    api.answer(uri).await
-                };
-                send.send_response(resp);
-            });
-        }
-    });
+    let api = FakeApi::default();
+    api.empty_lists_except(&[]);
+    api.fail(
+        EGRESS_SECRETS,
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        "secrets is forbidden: User \"system:serviceaccount:istio-egress:waypoint\" cannot list resource \"secrets\"",
+    );
     let opts = KubeSourceOptions {
         debounce: Duration::from_millis(20),
         initial_sync_timeout: Duration::from_secs(10),
         secret_namespace: Some("istio-egress".into()),
         ..KubeSourceOptions::default()
     };
-    let (store, source) = KubeSource::start(kube::Client::new(svc, "default"), opts)
+    let (store, source) = KubeSource::start(api.client(), opts)
         .await
         .expect("starts without Secret access");
     assert_eq!(store.generation(), 1);
     assert!(source.metrics().watch_errors("Secret") >= 1);
-    assert!(inner.requests(EGRESS_SECRETS) >= 1);
+    assert!(api.requests(EGRESS_SECRETS) >= 1);
 }
