@@ -25,6 +25,11 @@ const MIB: u64 = 1024 * 1024;
 /// Authority ports the bench handler dispatches on.
 const SINK: u16 = 1;
 const ECHO: u16 = 2;
+/// A sink reading 16 KiB at a time (see the aggregate section).
+const SINK_16K: u16 = 3;
+/// App reads and writes per stream in the aggregate section's first comparison: 100 streams'
+/// buffers (1.6 MiB a side) stay in cache, as one stream's do.
+const SMALL_CHUNK: usize = 16 * 1024;
 
 struct Args {
     size: u64,
@@ -145,8 +150,13 @@ fn id(sa: &str) -> SpiffeId {
 }
 
 /// Reads to EOF, answers the byte count, closes.
-async fn sink<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
-    let mut buf = vec![0u8; CHUNK];
+async fn sink<S: AsyncRead + AsyncWrite + Unpin>(s: S) -> io::Result<()> {
+    sink_with(s, CHUNK).await
+}
+
+/// [`sink`] reading `chunk` bytes at a time.
+async fn sink_with<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, chunk: usize) -> io::Result<()> {
+    let mut buf = vec![0u8; chunk];
     let mut total = 0u64;
     loop {
         let n = s.read(&mut buf).await?;
@@ -173,12 +183,21 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
 }
 
 /// Writes `bytes`, half-closes, waits for the sink's count. Returns the elapsed time.
-async fn blast<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> io::Result<Duration> {
-    let buf = vec![0xa5u8; CHUNK];
+async fn blast<S: AsyncRead + AsyncWrite + Unpin>(s: S, bytes: u64) -> io::Result<Duration> {
+    blast_with(s, bytes, CHUNK).await
+}
+
+/// [`blast`] writing `chunk` bytes at a time.
+async fn blast_with<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    bytes: u64,
+    chunk: usize,
+) -> io::Result<Duration> {
+    let buf = vec![0xa5u8; chunk];
     let start = Instant::now();
     let mut left = bytes;
     while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
+        let n = left.min(chunk as u64) as usize;
         s.write_all(&buf[..n]).await?;
         left -= n as u64;
     }
@@ -257,7 +276,7 @@ async fn serve_tcp(listener: TcpListener, echo_mode: bool) {
 
 async fn hbone_handler(c: IncomingConnect) {
     let target = c.meta().authority;
-    if target.port() > ECHO {
+    if target.port() > SINK_16K {
         // Forward, as ztunnel inbound / a waypoint does.
         let Ok(mut upstream) = TcpStream::connect(target).await else {
             return c.reject(http::StatusCode::SERVICE_UNAVAILABLE);
@@ -270,6 +289,7 @@ async fn hbone_handler(c: IncomingConnect) {
     let Ok(tunnel) = c.accept() else { return };
     let _ = match target.port() {
         ECHO => echo(tunnel).await,
+        SINK_16K => sink_with(tunnel, SMALL_CHUNK).await,
         _ => sink(tunnel).await,
     };
 }
@@ -519,7 +539,7 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
                     "tls" => blast(fx.tls(SINK).await?, size).await,
                     "tls-proxy" => blast(connect(fx.tls_proxy).await?, size).await,
                     "hbone-proxy" => blast(connect(fx.hbone_proxy).await?, size).await,
-                    "hundred" => hundred_streams(&fx, size / 100).await,
+                    "hundred" => hundred_streams(&fx, size / 100, SINK, CHUNK).await,
                     _ => blast(fx.tunnel(SINK).await?, size).await,
                 }
             })
@@ -604,19 +624,33 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
     println!();
 
     // --- 100 streams vs 1 ---
-    let (mut one, mut hundred) = (Vec::new(), Vec::new());
+    // Twice: with 16 KiB app reads/writes per stream (100 streams' app buffers, 1.6 MiB a
+    // side, fit in cache as one stream's do) and with 256 KiB ones (one stream then sends
+    // 64 KiB DATA frames; 100 streams' app buffers are 25 MiB a side).
+    let (mut one, mut hundred, mut one_big, mut hundred_big) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let per = size / 100;
     for _ in 0..reps {
-        one.push(measure(async { blast(fx.tunnel(SINK).await?, per * 100).await }).await?);
-        hundred.push(measure(hundred_streams(&fx, per)).await?);
+        one.push(
+            measure(async { blast_with(fx.tunnel(SINK_16K).await?, per * 100, SMALL_CHUNK).await })
+                .await?,
+        );
+        hundred.push(measure(hundred_streams(&fx, per, SINK_16K, SMALL_CHUNK)).await?);
+        one_big.push(measure(async { blast(fx.tunnel(SINK).await?, per * 100).await }).await?);
+        hundred_big.push(measure(hundred_streams(&fx, per, SINK, CHUNK)).await?);
     }
     println!(
         "aggregate throughput on one pooled connection (connections opened so far: {})",
         fx.client.pool_stats().connections_opened
     );
+    println!("  16 KiB app reads/writes per stream:");
     row("1 stream", per * 100, summarize(&one));
     row("100 streams", per * 100, summarize(&hundred));
     ratio("100 / 1", &hundred, &one, "(target >= 1.0)");
+    println!("  256 KiB app reads/writes per stream (100 streams: 50 MiB of app buffers):");
+    row("1 stream", per * 100, summarize(&one_big));
+    row("100 streams", per * 100, summarize(&hundred_big));
+    ratio("100 / 1", &hundred_big, &one_big, "");
     println!();
 
     // --- flow-control sweep ---
@@ -651,16 +685,17 @@ async fn run(args: Args, server_rt: Handle) -> io::Result<()> {
     Ok(())
 }
 
-/// 100 tunnels (opened first, not timed) each sending `per` bytes at once; the wall time.
-async fn hundred_streams(fx: &Fixture, per: u64) -> io::Result<Duration> {
+/// 100 tunnels to sink `mode` (opened first, not timed) each sending `per` bytes at once,
+/// `chunk` bytes per write; the wall time.
+async fn hundred_streams(fx: &Fixture, per: u64, mode: u16, chunk: usize) -> io::Result<Duration> {
     let mut tunnels = Vec::new();
     for _ in 0..100 {
-        tunnels.push(fx.tunnel(SINK).await?);
+        tunnels.push(fx.tunnel(mode).await?);
     }
     let start = Instant::now();
     let tasks: Vec<_> = tunnels
         .into_iter()
-        .map(|t| tokio::spawn(blast(t, per)))
+        .map(|t| tokio::spawn(blast_with(t, per, chunk)))
         .collect();
     for t in tasks {
         t.await.map_err(io::Error::other)??;
