@@ -9,7 +9,7 @@ use hbone::IncomingConnect;
 use http::StatusCode;
 use mesh_config::snapshot::ServicePortRef;
 use mesh_config::{OutboundTrafficPolicy, Service, ServicePort, Snapshot};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::http::{ConnCtx, Downstream};
 use crate::l4;
@@ -87,7 +87,10 @@ pub async fn handle(proxy: Arc<Proxy>, connect: IncomingConnect) {
         client: meta.forwarded.as_ref().and_then(|f| f.client_addr()),
         local: meta.authority,
     };
-    let span = info_span!(
+    // Debug level, as ztunnel's per-connection spans: at info an enabled span is entered and
+    // exited on every poll of every request in the tunnel. Access-log lines carry all of this;
+    // the one warning below names its tunnel itself.
+    let span = debug_span!(
         "connect",
         authority = %meta.authority,
         peer = %meta.peer_identity,
@@ -150,10 +153,11 @@ pub async fn handle(proxy: Arc<Proxy>, connect: IncomingConnect) {
 }
 
 fn accept(connect: IncomingConnect) -> Option<hbone::Tunnel> {
+    let (authority, remote) = (connect.meta().authority, connect.meta().remote_addr);
     match connect.accept() {
         Ok(t) => Some(t),
         Err(e) => {
-            warn!(error = %e, "could not accept CONNECT");
+            warn!(%authority, %remote, error = %e, "could not accept CONNECT");
             None
         }
     }
