@@ -1,6 +1,6 @@
 //! Streams through the waypoint, driven through the real binary: the route timeout and the
 //! per-try timeout cut a response body that stalls, large request bodies are retried and
-//! mirrored up to the buffer limit (beyond it: mirrored as they stream, not retried), WebSocket upgrades are spliced both ways, and DestinationRule
+//! mirrored up to the buffer limit (beyond it: mirrored as they stream, not retried), WebSocket upgrades are spliced both ways (on HTTP/1.1 even under h2UpgradePolicy: UPGRADE), and DestinationRule
 //! `tls` on a TCP port wraps the L4 stream in TLS.
 
 mod waypoint_lab;
@@ -241,6 +241,16 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
   resolution: STATIC
   endpoints: [{address: 203.0.113.13}]
+---
+# HTTP/2 upstream for ordinary requests; a WebSocket Upgrade stays on HTTP/1.1 (the stand-in
+# speaks only HTTP/1.1, so the test fails if the upgrade went out as HTTP/2).
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ws, namespace: istio-egress}
+spec:
+  host: ws.example
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -204,6 +204,7 @@ pub async fn serve(
             original: Some(downstream.local),
             request_host: sni.as_deref(),
             downstream: HttpVersion::Http1,
+            upgrade: false,
         },
     );
     e.upstream_cluster = Some((&cluster.name).into());

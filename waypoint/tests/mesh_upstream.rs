@@ -139,6 +139,7 @@ fn cluster(snap: &Snapshot, port: u16) -> Cluster {
             original: None,
             request_host: None,
             downstream: HttpVersion::Http1,
+            upgrade: false,
         },
     )
 }

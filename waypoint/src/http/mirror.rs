@@ -70,6 +70,7 @@ pub fn spawn(
             original: Some(original),
             request_host: Some(out.authority_str()),
             downstream,
+            upgrade: false,
         },
     );
     let mut copy = out.clone();

@@ -250,6 +250,7 @@ pub async fn handle(
             original: Some(ctx.downstream.local),
             request_host: Some(authority.as_str()),
             downstream: downstream_version,
+            upgrade: upgrade.is_some(),
         },
     );
     log.entry.upstream_cluster = Some((&cluster.name).into());

@@ -303,6 +303,7 @@ spec:
                 original: None,
                 request_host: None,
                 downstream: HttpVersion::Http1,
+                upgrade: false,
             },
         );
         hbone_target(snap, &cluster, addr.parse().expect("addr"))

@@ -202,17 +202,22 @@ pub fn cluster_name(
 
 /// How a cluster's HTTP is spoken upstream: HTTP2 / gRPC ports (and `h2UpgradePolicy: UPGRADE`)
 /// use HTTP/2, `useClientProtocol` follows the downstream, the rest HTTP/1.1.
+///
+/// `h2UpgradePolicy` leaves an HTTP/1.1 Upgrade (WebSocket) on HTTP/1.1: over HTTP/2 it would
+/// need extended CONNECT, which the upstream, an HTTP/1.1 server by the port's protocol, need
+/// not speak (Envoy, without `allow_connect`, breaks such requests; istio/istio#27078).
 pub fn upstream_version(
     protocol: Protocol,
     pool: Option<&mesh_config::policy::ConnectionPool>,
     downstream: HttpVersion,
+    upgrade: bool,
 ) -> HttpVersion {
     if pool.is_some_and(|p| p.use_client_protocol) {
         return downstream;
     }
     match protocol {
         Protocol::Http2 | Protocol::Grpc => HttpVersion::Http2,
-        _ if pool.is_some_and(|p| p.h2_upgrade) => HttpVersion::Http2,
+        _ if pool.is_some_and(|p| p.h2_upgrade) && !upgrade => HttpVersion::Http2,
         _ => HttpVersion::Http1,
     }
 }
@@ -225,6 +230,8 @@ pub struct ClusterRequest<'a> {
     /// The request's host (for wildcard / NONE entries).
     pub request_host: Option<&'a str>,
     pub downstream: HttpVersion,
+    /// An HTTP/1.1 Upgrade request (WebSocket): see [`upstream_version`].
+    pub upgrade: bool,
 }
 
 /// Builds the cluster for `service` port `sp` (pure: snapshot in, description out).
@@ -240,7 +247,12 @@ pub fn build_cluster(
     let traffic = policy
         .map(|p| p.resolve(sp.port, subset))
         .unwrap_or_default();
-    let version = upstream_version(sp.protocol, traffic.connection_pool, req.downstream);
+    let version = upstream_version(
+        sp.protocol,
+        traffic.connection_pool,
+        req.downstream,
+        req.upgrade,
+    );
     let host = if service.is_wildcard() {
         req.request_host
             .map(|h| endpoints::strip_port(h).to_owned())
@@ -297,13 +309,15 @@ pub struct ClusterCache {
     inner: Mutex<CacheInner>,
 }
 
+/// (service address within the cached snapshot, port, subset, downstream version, upgrade).
+type ClusterKey = (usize, u16, Option<String>, HttpVersion, bool);
+
 #[derive(Default)]
 struct CacheInner {
     /// The snapshot the entries were built from. Holding it keeps its services alive, so the
     /// service addresses in the keys cannot be reused while the entries exist.
     snapshot: Option<Arc<Snapshot>>,
-    /// (service address within that snapshot, port, subset, downstream version).
-    clusters: FastMap<(usize, u16, Option<String>, HttpVersion), Arc<Cluster>>,
+    clusters: FastMap<ClusterKey, Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for ClusterCache {
@@ -333,6 +347,7 @@ impl ClusterCache {
             sp.port,
             subset.map(str::to_owned),
             req.downstream,
+            req.upgrade,
         );
         {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -611,6 +626,7 @@ spec:
             original: None,
             request_host: Some("aliyun.com"),
             downstream: HttpVersion::Http1,
+            upgrade: false,
         };
         let c = build_cluster(&snap, &gw, &svc, &svc.ports[0], None, req);
         assert_eq!(&*c.name, "inbound-vip|80|http|aliyun.com;");
@@ -667,6 +683,7 @@ stringData:
             original: None,
             request_host: Some("aliyun.com"),
             downstream: HttpVersion::Http1,
+            upgrade: false,
         };
         let gw = NamespacedName::new("istio-egress", "waypoint");
         let cluster = |sources: &[(&str, &str)]| {
@@ -708,33 +725,23 @@ stringData:
             use_client_protocol: true,
             ..Default::default()
         };
+        use HttpVersion::{Http1, Http2};
+        // (port protocol, connection pool, downstream version, Upgrade request, upstream version)
         let cases = [
-            (Protocol::Http, None, HttpVersion::Http2, HttpVersion::Http1),
-            (
-                Protocol::Http2,
-                None,
-                HttpVersion::Http1,
-                HttpVersion::Http2,
-            ),
-            (Protocol::Grpc, None, HttpVersion::Http1, HttpVersion::Http2),
-            (
-                Protocol::Http,
-                Some(&upgrade),
-                HttpVersion::Http1,
-                HttpVersion::Http2,
-            ),
-            (
-                Protocol::Http2,
-                Some(&client),
-                HttpVersion::Http1,
-                HttpVersion::Http1,
-            ),
+            (Protocol::Http, None, Http2, false, Http1),
+            (Protocol::Http2, None, Http1, false, Http2),
+            (Protocol::Grpc, None, Http1, false, Http2),
+            (Protocol::Http, Some(&upgrade), Http1, false, Http2),
+            // h2UpgradePolicy leaves WebSocket on HTTP/1.1; an HTTP2 port stays HTTP/2.
+            (Protocol::Http, Some(&upgrade), Http1, true, Http1),
+            (Protocol::Http2, Some(&upgrade), Http1, true, Http2),
+            (Protocol::Http2, Some(&client), Http1, false, Http1),
         ];
-        for (proto, pool, downstream, want) in cases {
+        for (proto, pool, downstream, upgrade, want) in cases {
             assert_eq!(
-                upstream_version(proto, pool, downstream),
+                upstream_version(proto, pool, downstream, upgrade),
                 want,
-                "{proto:?} {pool:?}"
+                "{proto:?} {pool:?} upgrade={upgrade}"
             );
         }
     }
