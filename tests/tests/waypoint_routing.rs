@@ -320,3 +320,73 @@ spec:
         Ok(())
     });
 }
+
+const STICKY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: sticky, namespace: istio-egress}
+spec:
+  hosts: [sticky.example]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 203.0.113.10}, {address: 203.0.113.11}, {address: 203.0.113.13}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: istio-egress}
+spec:
+  host: sticky.example
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {httpHeaderName: x-user}
+"#;
+
+/// DestinationRule `consistentHash`: every request carrying the same `x-user` goes to the same
+/// endpoint, and different users spread over the three.
+#[test]
+fn consistent_hash_sticks_a_key_to_one_endpoint() {
+    lab_case(|| {
+        let lab = WaypointLab::start(LabConfig::new(STICKY, &["sticky.example:80"]))?;
+        // The endpoints (upstream_host) of `n` requests with `x-user: user`, in one curl run.
+        let hosts_for = |user: &str, n: usize| -> anyhow::Result<Vec<String>> {
+            let before = lab.access_log().len();
+            let header = format!("x-user: {user}");
+            let via = lab.connect_to(0);
+            let urls: Vec<String> = (0..n)
+                .map(|i| format!("http://sticky.example/r{i}"))
+                .collect();
+            let mut args = vec!["-H", header.as_str(), "--connect-to", via.as_str()];
+            for u in &urls {
+                args.extend(["-o", "/dev/null", u.as_str()]);
+            }
+            lab.curl_raw(&args)?;
+            let mut hosts = Vec::new();
+            mesh_tests::wait_until("the access-log lines", Duration::from_secs(10), || {
+                hosts = lab
+                    .access_log()
+                    .iter()
+                    .skip(before)
+                    .filter(|e| field(e, "authority") == "sticky.example")
+                    .map(|e| field(e, "upstream_host").to_owned())
+                    .collect();
+                Ok(hosts.len() >= n)
+            })?;
+            Ok(hosts)
+        };
+        let alice = hosts_for("alice", 12)?;
+        assert!(
+            alice.iter().all(|h| *h == alice[0]),
+            "alice moved: {alice:?}"
+        );
+        let mut seen: Vec<String> = Vec::new();
+        for i in 0..24 {
+            let h = hosts_for(&format!("user-{i}"), 2)?;
+            assert_eq!(h[0], h[1], "user-{i} moved");
+            if !seen.contains(&h[0]) {
+                seen.push(h[0].clone());
+            }
+        }
+        assert!(seen.len() >= 2, "24 users all on {seen:?}");
+        Ok(())
+    });
+}

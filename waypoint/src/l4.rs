@@ -208,7 +208,13 @@ pub async fn serve(
         },
     );
     e.upstream_cluster = Some((&cluster.name).into());
-    let addr = match proxy.upstream.pick(&snap, &cluster).await {
+    let hash = crate::upstream::lb::request_hash(
+        cluster.lb.as_ref(),
+        &http::HeaderMap::new(),
+        None,
+        Some(downstream.remote().ip()),
+    );
+    let addr = match proxy.upstream.pick(&snap, &cluster, hash).await {
         Ok(a) => a,
         Err(err) => {
             debug!(error = %err, "no upstream for TCP flow");

@@ -161,7 +161,7 @@ async fn waypoint_upstream(ca: &Arc<CertificateAuthority>) -> (Upstream, MeshCli
 }
 
 async fn get(upstream: &Upstream, snap: &Snapshot, cluster: &Cluster) -> String {
-    let addr = upstream.pick(snap, cluster).await.expect("endpoint");
+    let addr = upstream.pick(snap, cluster, None).await.expect("endpoint");
     let lease = upstream
         .checkout(snap, cluster, addr)
         .await
@@ -204,7 +204,7 @@ async fn http_to_a_mesh_pod_goes_through_a_pooled_hbone_tunnel() {
 
     // L4 (TCP port): the raw stream is the tunnel.
     let tcp = cluster(&snap, 82);
-    let addr = upstream.pick(&snap, &tcp).await.expect("endpoint");
+    let addr = upstream.pick(&snap, &tcp, None).await.expect("endpoint");
     let mut stream = upstream
         .connect_l4(&snap, &tcp, addr, true)
         .await
@@ -241,7 +241,7 @@ async fn a_peer_with_the_wrong_identity_is_a_connection_failure() {
     let snap = mesh_config::load_sources([("c.yaml", config(pod).as_str())]).expect("config");
     let (upstream, _mesh) = waypoint_upstream(&ca).await;
     let h1 = cluster(&snap, 80);
-    let addr = upstream.pick(&snap, &h1).await.expect("endpoint");
+    let addr = upstream.pick(&snap, &h1, None).await.expect("endpoint");
     let err = upstream
         .checkout(&snap, &h1, addr)
         .await
@@ -274,7 +274,7 @@ async fn no_plaintext_fallback_when_the_tunnel_cannot_open() {
     let snap = mesh_config::load_sources([("c.yaml", config(pod).as_str())]).expect("config");
     let (upstream, _mesh) = waypoint_upstream(&ca).await;
     let h1 = cluster(&snap, 80);
-    let addr = upstream.pick(&snap, &h1).await.expect("endpoint");
+    let addr = upstream.pick(&snap, &h1, None).await.expect("endpoint");
     let err = upstream
         .checkout(&snap, &h1, addr)
         .await

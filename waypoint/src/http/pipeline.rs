@@ -279,6 +279,7 @@ pub async fn handle(
             return local_reply(proxy, log, status, text, details);
         }
     };
+    out.client = Some(ctx.downstream.remote().ip());
     headers::remove_hop_by_hop(&mut out.headers);
     out.headers.remove(HOST);
     out.headers
@@ -661,6 +662,8 @@ pub struct Outgoing {
     pub authority: HeaderValue,
     /// Without `Host` and hop-by-hop headers.
     pub headers: HeaderMap,
+    /// The original client's address: DestinationRule `consistentHash.useSourceIp` hashes it.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Outgoing {
@@ -690,6 +693,7 @@ impl Outgoing {
             path,
             authority,
             headers,
+            client: None,
         })
     }
 
@@ -835,9 +839,15 @@ pub async fn try_once(
     info: &mut TryInfo,
 ) -> Result<Response<PooledBody>, (Failure, bool)> {
     info.started = Some(Instant::now());
+    let hash = crate::upstream::lb::request_hash(
+        cluster.lb.as_ref(),
+        &out.headers,
+        out.path.query(),
+        out.client,
+    );
     let addr = proxy
         .upstream
-        .pick(snap, cluster)
+        .pick(snap, cluster, hash)
         .await
         .map_err(|e| (Failure::Upstream(e), false))?;
     info.host = Some(addr);

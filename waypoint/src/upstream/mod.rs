@@ -3,6 +3,7 @@
 //! HBONE to endpoints that are workloads of the mesh ([`mesh`]).
 
 pub mod endpoints;
+pub mod lb;
 pub mod mesh;
 pub mod outlier;
 pub mod pool;
@@ -170,6 +171,8 @@ pub struct Cluster {
     pub limits: PoolLimits,
     /// DestinationRule `outlierDetection`.
     pub outlier: Option<mesh_config::policy::OutlierDetection>,
+    /// DestinationRule `loadBalancer` ([`lb`]); `None`: round-robin.
+    pub lb: Option<mesh_config::policy::LoadBalancer>,
     /// DestinationRule `tls.mode: ISTIO_MUTUAL`: every endpoint is reached over HBONE, mesh
     /// workload or not ([`mesh::hbone_target`]).
     pub istio_mutual: bool,
@@ -290,6 +293,7 @@ pub fn build_cluster(
             .map(Arc::new),
         limits: PoolLimits::from_settings(traffic.connection_pool, version),
         outlier: traffic.outlier_detection.cloned(),
+        lb: traffic.load_balancer.cloned(),
         istio_mutual: traffic
             .tls
             .is_some_and(|t| t.mode == mesh_config::TlsMode::IstioMutual),
@@ -410,20 +414,24 @@ impl Upstream {
         &self.pools
     }
 
-    /// The next endpoint of `cluster`: round-robin over its endpoints, and over DNS answers
+    /// The next endpoint of `cluster`: by its `loadBalancer` ([`lb::choose`]; `hash` is
+    /// [`lb::request_hash`] of the request) over its endpoints, round-robin over DNS answers
     /// within a name, skipping hosts that outlier detection ejected.
     pub async fn pick(
         &self,
         snap: &Snapshot,
         cluster: &Cluster,
+        hash: Option<u64>,
     ) -> Result<SocketAddr, UpstreamError> {
         let Some(od) = &cluster.outlier else {
-            return self.pick_any(snap, cluster).await;
+            return self.pick_any(snap, cluster, hash).await;
         };
         // Every endpoint once, a few more for names with several addresses.
         let tries = (cluster.endpoints.len() * 2).clamp(2, 16);
-        for _ in 0..tries {
-            let addr = self.pick_any(snap, cluster).await?;
+        for attempt in 0..tries {
+            // A consistent-hash pick is the same every time: after an ejection, go on at random.
+            let hash = if attempt == 0 { hash } else { None };
+            let addr = self.pick_any(snap, cluster, hash).await?;
             let skip = self
                 .outliers
                 .lock()
@@ -462,11 +470,12 @@ impl Upstream {
         }
     }
 
-    /// Round-robin without outlier detection.
+    /// [`Upstream::pick`] without outlier detection.
     async fn pick_any(
         &self,
         snap: &Snapshot,
         cluster: &Cluster,
+        hash: Option<u64>,
     ) -> Result<SocketAddr, UpstreamError> {
         if cluster.endpoints.is_empty() {
             return Err(UpstreamError::NoHealthyUpstream(format!(
@@ -474,9 +483,7 @@ impl Upstream {
                 cluster.name
             )));
         }
-        let i = if cluster.endpoints.len() == 1 {
-            0
-        } else {
+        let round_robin = || {
             let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
             match next.get(&*cluster.name) {
                 Some(c) => c.fetch_add(1, Ordering::Relaxed),
@@ -486,7 +493,21 @@ impl Upstream {
                     .fetch_add(1, Ordering::Relaxed),
             }
         };
-        match &cluster.endpoints[i % cluster.endpoints.len()] {
+        // Requests in flight on a STATIC endpoint; a DNS name's are not tracked (its answers
+        // take turns in the resolver).
+        let active = |i: usize| match &cluster.endpoints[i] {
+            EndpointSpec::Addr(a) => self.in_flight(snap, cluster, *a),
+            EndpointSpec::Name { .. } => 0,
+        };
+        let i = lb::choose(
+            cluster.lb.as_ref(),
+            cluster.endpoints.len(),
+            round_robin,
+            |n| fastrand::usize(..n),
+            hash,
+            active,
+        );
+        match &cluster.endpoints[i] {
             EndpointSpec::Addr(a) => Ok(*a),
             EndpointSpec::Name { host, port } => {
                 let is_vip = |ip: IpAddr| !snap.services_by_vip(ip).is_empty();
@@ -508,14 +529,28 @@ impl Upstream {
         cluster: &Cluster,
         addr: SocketAddr,
     ) -> Result<Lease, UpstreamError> {
-        let key = PoolKey {
+        let hbone = mesh::hbone_target(snap, cluster, addr)?;
+        self.pools
+            .checkout(&Self::pool_key(cluster, addr, hbone))
+            .await
+    }
+
+    fn pool_key(cluster: &Cluster, addr: SocketAddr, hbone: Option<HboneTarget>) -> PoolKey {
+        PoolKey {
             addr,
             tls: cluster.tls.clone(),
-            hbone: mesh::hbone_target(snap, cluster, addr)?.map(Arc::new),
+            hbone: hbone.map(Arc::new),
             version: cluster.version,
             limits: cluster.limits,
-        };
-        self.pools.checkout(&key).await
+        }
+    }
+
+    /// Requests in flight (and waiting for a connection) to `addr` for `cluster`.
+    fn in_flight(&self, snap: &Snapshot, cluster: &Cluster, addr: SocketAddr) -> usize {
+        match mesh::hbone_target(snap, cluster, addr) {
+            Ok(hbone) => self.pools.in_flight(&Self::pool_key(cluster, addr, hbone)),
+            Err(_) => 0,
+        }
     }
 
     /// An L4 connection for `cluster`: an HBONE tunnel to a mesh endpoint, else TCP; wrapped in

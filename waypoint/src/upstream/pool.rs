@@ -291,6 +291,15 @@ impl EndpointPool {
         })
     }
 
+    fn in_flight(&self) -> usize {
+        let slots = self
+            .key
+            .limits
+            .max_requests
+            .clamp(1, Semaphore::MAX_PERMITS);
+        slots.saturating_sub(self.slots.available_permits()) + self.pending.load(Ordering::Acquire)
+    }
+
     fn pop_idle(&self) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(conn) = idle.pop() {
@@ -450,6 +459,12 @@ impl Pools {
     }
 
     /// A connection to `key.addr` ready for one request: pooled, or newly connected.
+    /// Requests holding a slot of `key`'s pool or waiting for one (0 for a pool not made yet).
+    pub fn in_flight(&self, key: &PoolKey) -> usize {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools.get(key).map_or(0, |p| p.in_flight())
+    }
+
     pub async fn checkout(&self, key: &PoolKey) -> Result<Lease, UpstreamError> {
         let pool = self.pool(key);
         pool.touch();
