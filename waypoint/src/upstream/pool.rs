@@ -79,6 +79,11 @@ impl Default for PoolLimits {
 }
 
 impl PoolLimits {
+    /// Concurrent requests an endpoint's pool admits: its semaphore's permits.
+    fn request_slots(&self) -> usize {
+        self.max_requests.clamp(1, Semaphore::MAX_PERMITS)
+    }
+
     /// Limits from a DestinationRule connection pool, for `version`.
     pub fn from_settings(
         pool: Option<&mesh_config::policy::ConnectionPool>,
@@ -255,7 +260,7 @@ struct EndpointPool {
 
 impl EndpointPool {
     fn new(key: PoolKey) -> Self {
-        let slots = key.limits.max_requests.clamp(1, Semaphore::MAX_PERMITS);
+        let slots = key.limits.request_slots();
         EndpointPool {
             key,
             idle: Mutex::new(Vec::new()),
@@ -292,12 +297,12 @@ impl EndpointPool {
     }
 
     fn in_flight(&self) -> usize {
-        let slots = self
+        let busy = self
             .key
             .limits
-            .max_requests
-            .clamp(1, Semaphore::MAX_PERMITS);
-        slots.saturating_sub(self.slots.available_permits()) + self.pending.load(Ordering::Acquire)
+            .request_slots()
+            .saturating_sub(self.slots.available_permits());
+        busy + self.pending.load(Ordering::Acquire)
     }
 
     fn pop_idle(&self) -> Option<Idle> {
@@ -336,12 +341,7 @@ impl EndpointPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed();
-        self.slots.available_permits()
-            == self
-                .key
-                .limits
-                .max_requests
-                .clamp(1, Semaphore::MAX_PERMITS)
+        self.slots.available_permits() == self.key.limits.request_slots()
             && idle_for > self.key.limits.idle_timeout
     }
 
@@ -458,13 +458,13 @@ impl Pools {
         p
     }
 
-    /// A connection to `key.addr` ready for one request: pooled, or newly connected.
     /// Requests holding a slot of `key`'s pool or waiting for one (0 for a pool not made yet).
     pub fn in_flight(&self, key: &PoolKey) -> usize {
         let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
         pools.get(key).map_or(0, |p| p.in_flight())
     }
 
+    /// A connection to `key.addr` ready for one request: pooled, or newly connected.
     pub async fn checkout(&self, key: &PoolKey) -> Result<Lease, UpstreamError> {
         let pool = self.pool(key);
         pool.touch();
