@@ -481,21 +481,10 @@ impl Pools {
                         pool,
                     });
                 }
-                let (stream, local) = self.connect(key).await?;
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        addr: key.addr,
-                        source,
-                    })?;
-                let addr = key.addr;
-                tokio::spawn(async move {
-                    // With upgrades, a 101 hands the connection to `hyper::upgrade::on`.
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended with an error");
-                    }
-                });
+                // Boxed: connecting (TCP or HBONE, then TLS, then the handshake) is the cold
+                // path, and its future is kilobytes that every request's future would otherwise
+                // carry and copy at each move.
+                let (sender, local) = Box::pin(self.open_h1(key)).await?;
                 Ok(Lease {
                     sender: Sender::H1(sender),
                     served: 0,
@@ -519,23 +508,7 @@ impl Pools {
                         pool: pool.clone(),
                     });
                 }
-                let (stream, local) = self.connect(key).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        addr: key.addr,
-                        source,
-                    })?;
-                let addr = key.addr;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
-                    }
-                });
+                let (sender, local) = Box::pin(self.open_h2(key)).await?;
                 *slot = Some(H2Conn {
                     sender: sender.clone(),
                     local,
@@ -551,6 +524,54 @@ impl Pools {
                 })
             }
         }
+    }
+
+    /// A new HTTP/1.1 connection to `key`, its connection task spawned.
+    async fn open_h1(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(http1::SendRequest<ProxyBody>, Option<SocketAddr>), UpstreamError> {
+        let (stream, local) = self.connect(key).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: key.addr,
+                source,
+            })?;
+        let addr = key.addr;
+        tokio::spawn(async move {
+            // With upgrades, a 101 hands the connection to `hyper::upgrade::on`.
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        Ok((sender, local))
+    }
+
+    /// A new HTTP/2 connection to `key`, its connection task spawned.
+    async fn open_h2(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(http2::SendRequest<ProxyBody>, Option<SocketAddr>), UpstreamError> {
+        let (stream, local) = self.connect(key).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake {
+                addr: key.addr,
+                source,
+            })?;
+        let addr = key.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%addr, error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        Ok((sender, local))
     }
 
     async fn connect(&self, key: &PoolKey) -> Result<(Stream, Option<SocketAddr>), UpstreamError> {

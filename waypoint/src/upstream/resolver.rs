@@ -129,9 +129,9 @@ impl DnsResolver {
             }
         }
         let fqdn = format!("{key}.");
-        let answer = self
-            .inner
-            .lookup_ip(fqdn.as_str())
+        // Boxed: the resolver's future is large and this is the cache-miss path; unboxed it
+        // would grow every request's future (and each move of it) by a kilobyte.
+        let answer = Box::pin(self.inner.lookup_ip(fqdn.as_str()))
             .await
             .map_err(|e| DnsError::Lookup {
                 name: key.clone(),
