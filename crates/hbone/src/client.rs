@@ -20,6 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, warn};
 
+use crate::coalesce::Coalesce;
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{
@@ -622,7 +623,7 @@ async fn establish(
         })?;
         let (send, conn) = config
             .client_builder()
-            .handshake::<_, Bytes>(stream)
+            .handshake::<_, Bytes>(Coalesce::new(stream))
             .await
             .map_err(|e| Error::h2(addr, e))?;
         let handle = ConnHandle {
@@ -666,7 +667,8 @@ async fn establish(
     }
 }
 
-type ClientConnection = h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>;
+type ClientConnection =
+    h2::client::Connection<Coalesce<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;
 
 /// Runs a client connection until it closes, fails its keepalive or sits idle; then takes it
 /// out of the pool.

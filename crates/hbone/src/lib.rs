@@ -77,6 +77,7 @@
 
 pub mod alloc;
 mod client;
+mod coalesce;
 mod config;
 mod copy;
 mod error;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::coalesce::Coalesce;
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{Forwarded, parse_authority};
@@ -289,7 +290,7 @@ impl Server {
                 })?;
             let conn = config
                 .server_builder()
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(Coalesce::new(tls))
                 .await
                 .map_err(|e| Error::h2(remote, e))?;
             Ok((peer, conn))
