@@ -32,6 +32,8 @@ pub(crate) const DIRECT: usize = 16 * 1024;
 pub(crate) const CAPACITY: usize = 64 * 1024;
 /// A flush with this much buffered is not deferred: batching more saves little.
 pub(crate) const FLUSH_AT: usize = 32 * 1024;
+/// What a burst's first buffered write reserves.
+const FIRST_ALLOCATION: usize = 4 * 1024;
 
 /// An I/O adapter gathering small writes; see the module docs.
 #[derive(Debug)]
@@ -57,6 +59,15 @@ impl<IO> Coalesce<IO> {
     fn pending(&self) -> usize {
         self.buf.len() - self.written
     }
+
+    /// Reserves for `len` more bytes: a burst's first write allocates room for a few small
+    /// frames (then the buffer doubles as needed). Not more: every connection of a ztunnel
+    /// setting up thousands of tunnels at once holds one, and the heap's peak stays in its RSS.
+    fn gather(&mut self, len: usize) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(len.max(FIRST_ALLOCATION));
+        }
+    }
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
@@ -69,7 +80,14 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
             }
             self.written += n;
         }
-        self.buf.clear();
+        // A grown buffer is freed: an idle connection (ztunnel holds thousands) should not pin
+        // up to CAPACITY bytes. The first allocation is kept: allocating and freeing it per
+        // burst fragmented ztunnel's heap (+0.15 KiB RSS per idle tunnel at 10,000).
+        if self.buf.capacity() > FIRST_ALLOCATION {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         self.written = 0;
         self.deferred = false;
         // TLS may hold records it could not send yet.
@@ -118,6 +136,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         if !ready!(this.poll_room(cx, data.len()))? {
             return Pin::new(&mut this.io).poll_write(cx, data);
         }
+        this.gather(data.len());
         this.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
@@ -132,6 +151,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         if !ready!(this.poll_room(cx, len))? {
             return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         }
+        this.gather(len);
         for b in bufs {
             this.buf.extend_from_slice(b);
         }
@@ -274,6 +294,10 @@ mod tests {
         assert_eq!(read(&mut c, &mut cx), Poll::Pending);
         assert_eq!(c.io.writes, vec![b"onetwothree".to_vec()]);
         assert_eq!(c.pending(), 0);
+        assert!(
+            c.buf.capacity() <= FIRST_ALLOCATION,
+            "an idle connection holds a small buffer at most"
+        );
         // Nothing is left: a flush goes straight to the socket, with no new deferral.
         assert_eq!(flush(&mut c, &mut cx), Poll::Ready(()));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
@@ -331,6 +355,7 @@ mod tests {
         assert!(c.pending() >= FLUSH_AT);
         assert_eq!(flush(&mut c, &mut cx), Poll::Ready(()));
         assert_eq!(c.pending(), 0, "flushed at once");
+        assert_eq!(c.buf.capacity(), 0, "a grown buffer is freed");
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
     }
 
