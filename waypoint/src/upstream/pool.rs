@@ -535,10 +535,7 @@ impl Pools {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: key.addr,
-                source,
-            })?;
+            .map_err(handshake_error(key.addr))?;
         let addr = key.addr;
         tokio::spawn(async move {
             // With upgrades, a 101 hands the connection to `hyper::upgrade::on`.
@@ -561,10 +558,7 @@ impl Pools {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake {
-                addr: key.addr,
-                source,
-            })?;
+            .map_err(handshake_error(key.addr))?;
         let addr = key.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -636,6 +630,11 @@ impl Pools {
         debug!(addr = %key.addr, tls = key.tls.is_some(), ?local, "upstream connected");
         Ok((stream, local))
     }
+}
+
+/// The error of a failed HTTP handshake with `addr`.
+fn handshake_error(addr: SocketAddr) -> impl FnOnce(hyper::Error) -> UpstreamError {
+    move |source| UpstreamError::Handshake { addr, source }
 }
 
 enum Sender {
