@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, warn};
 
-use crate::coalesce::Coalesce;
+use crate::coalesce::{self, coalesce, flushing};
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{
@@ -621,9 +621,10 @@ async fn establish(
             addr,
             source: Arc::new(e),
         })?;
+        let (io, flusher) = coalesce(stream);
         let (send, conn) = config
             .client_builder()
-            .handshake::<_, Bytes>(Coalesce::new(stream))
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| Error::h2(addr, e))?;
         let handle = ConnHandle {
@@ -634,7 +635,7 @@ async fn establish(
                 peer_addr: addr,
             }),
         };
-        Ok((handle, conn))
+        Ok((handle, conn, flusher))
     };
     let result = match tokio::time::timeout(config.connect_timeout, attempt)
         .instrument(span.clone())
@@ -647,12 +648,14 @@ async fn establish(
         }),
     };
     match result {
-        Ok((handle, conn)) => {
+        Ok((handle, conn, flusher)) => {
             if let Some(pool) = pool.upgrade() {
                 pool.connections_opened.fetch_add(1, Ordering::Relaxed);
             }
             debug!(parent: &span, peer = %handle.info.peer_identity, local = %handle.info.local_addr, "HBONE connection established");
-            tokio::spawn(drive(conn, state, pool, key, id, config).instrument(span));
+            // Each poll of the driver ends by writing out the frames it produced, in one write.
+            let driver = flushing(drive(conn, state, pool, key, id, config), flusher);
+            tokio::spawn(driver.instrument(span));
             Ok(handle)
         }
         Err(e) => {
@@ -667,8 +670,8 @@ async fn establish(
     }
 }
 
-type ClientConnection =
-    h2::client::Connection<Coalesce<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;
+type ClientIo = tokio_rustls::client::TlsStream<TcpStream>;
+type ClientConnection = h2::client::Connection<coalesce::Shared<ClientIo>, Bytes>;
 
 /// Runs a client connection until it closes, fails its keepalive or sits idle; then takes it
 /// out of the pool.

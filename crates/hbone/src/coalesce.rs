@@ -8,20 +8,21 @@
 //! a fifth of the waypoint's CPU per request went there.
 //!
 //! [`Coalesce`] sits between h2 and the TLS stream. Writes below [`DIRECT`] are copied into
-//! a buffer (at most [`CAPACITY`]); a flush of a small buffer is deferred: it reports success,
-//! wakes the task and leaves the bytes for the next poll of the connection, where h2 first
-//! reads (our `poll_read` writes the buffer out before reading) and then encodes whatever the
-//! streams queued meanwhile. Frames ready at once thus cost one record and one system call, at
-//! the price of one extra poll of the connection task per burst. Large writes (bulk
-//! transfers) go straight through, after anything buffered, so they are not copied twice.
+//! a buffer (at most [`CAPACITY`]) and a flush of a small buffer is deferred. The task that
+//! drives the connection runs it inside [`flushing`], which writes the buffer out at the end of
+//! each poll: the frames one poll produced leave in one TLS record and one system call. Large
+//! writes (bulk transfers) go straight through, after anything buffered, so they are not
+//! copied twice.
 //!
-//! Correctness rests on h2 reading in every poll of an open connection (it does: the
-//! connection's poll loop reads until the socket would block, then writes) and flushing or
-//! shutting the I/O down before it closes; a deferred buffer is also written by the next
-//! `poll_write` that does not fit, by `poll_shutdown`, and by any flush once it holds
-//! [`FLUSH_AT`] bytes.
+//! Before [`flushing`] first runs (h2's handshake), a deferred flush wakes the task instead,
+//! and the bytes go out at the start of its next poll: h2 reads in every poll of an open
+//! connection, and our `poll_read` writes the buffer before reading (a full socket never stops
+//! the read). A buffer is also written by a `poll_write` that does not fit, by `poll_shutdown`,
+//! and by any flush once it holds [`FLUSH_AT`] bytes.
+use std::future::Future;
 use std::io::{self, IoSlice};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -44,6 +45,10 @@ pub struct Coalesce<IO> {
     written: usize,
     /// A flush was deferred: the task was woken to write the buffer on its next poll.
     deferred: bool,
+    /// [`flushing`] drives the connection: deferred flushes need no wake-up.
+    managed: bool,
+    /// A write error met by [`flushing`], reported by the next operation.
+    error: Option<io::Error>,
 }
 
 impl<IO> Coalesce<IO> {
@@ -53,7 +58,13 @@ impl<IO> Coalesce<IO> {
             buf: Vec::new(),
             written: 0,
             deferred: false,
+            managed: false,
+            error: None,
         }
+    }
+
+    fn take_error<T>(&mut self) -> Option<Poll<io::Result<T>>> {
+        self.error.take().map(|e| Poll::Ready(Err(e)))
     }
 
     fn pending(&self) -> usize {
@@ -114,6 +125,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.take_error() {
+            return e;
+        }
         if this.pending() > 0 {
             // The connection polls again: what the last poll gathered goes out first. A full
             // socket must not stop us reading (the peer may be waiting for us to read before
@@ -133,6 +147,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.take_error() {
+            return e;
+        }
         if !ready!(this.poll_room(cx, data.len()))? {
             return Pin::new(&mut this.io).poll_write(cx, data);
         }
@@ -147,6 +164,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.take_error() {
+            return e;
+        }
         let len = bufs.iter().map(|b| b.len()).sum();
         if !ready!(this.poll_room(cx, len))? {
             return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
@@ -164,12 +184,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.take_error() {
+            return e;
+        }
         let pending = this.pending();
         if pending == 0 {
             return Pin::new(&mut this.io).poll_flush(cx);
         }
         if pending < FLUSH_AT {
-            if !this.deferred {
+            if !this.deferred && !this.managed {
                 this.deferred = true;
                 cx.waker().wake_by_ref();
             }
@@ -185,10 +208,111 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
     }
 }
 
+/// Wraps `io` for h2: the I/O half, and the [`Flusher`] for [`flushing`].
+pub fn coalesce<IO>(io: IO) -> (Shared<IO>, Flusher<IO>) {
+    let shared = Arc::new(Mutex::new(Coalesce::new(io)));
+    let flusher = Flusher(Arc::downgrade(&shared));
+    (Shared(shared), flusher)
+}
+
+/// The [`Coalesce`] h2 owns; the connection's [`Flusher`] reaches the same buffer. Both are
+/// used by the one task driving the connection, so the lock is never contended.
+#[derive(Debug)]
+pub struct Shared<IO>(Arc<Mutex<Coalesce<IO>>>);
+
+impl<IO> Shared<IO> {
+    fn lock(&self) -> MutexGuard<'_, Coalesce<IO>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Shared<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Shared<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
+    }
+}
+
+/// Writes out what a poll of the connection gathered; weak, so it never keeps a closed
+/// connection's socket open.
+#[derive(Debug)]
+pub struct Flusher<IO>(Weak<Mutex<Coalesce<IO>>>);
+
+impl<IO: AsyncWrite + Unpin> Flusher<IO> {
+    /// From now on each poll of the connection ends with [`Flusher::after_poll`].
+    fn manage(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .managed = true;
+        }
+    }
+
+    fn after_poll(&self, cx: &mut Context<'_>) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let mut c = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if c.pending() > 0
+            && let Poll::Ready(Err(e)) = c.poll_drain(cx)
+        {
+            c.error = Some(e);
+        }
+    }
+}
+
+/// Runs `fut`, the task driving a connection, writing out what each of its polls gathered.
+pub async fn flushing<F: Future, IO: AsyncWrite + Unpin>(
+    fut: F,
+    flusher: Flusher<IO>,
+) -> F::Output {
+    let mut fut = pin!(fut);
+    flusher.manage();
+    std::future::poll_fn(move |cx| {
+        let out = fut.as_mut().poll(cx);
+        flusher.after_poll(cx);
+        out
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
@@ -301,6 +425,40 @@ mod tests {
         // Nothing is left: a flush goes straight to the socket, with no new deferral.
         assert_eq!(flush(&mut c, &mut cx), Poll::Ready(()));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn flushing_writes_at_the_end_of_the_poll_without_a_wake_up() {
+        let (wakes, waker) = context();
+        let mut cx = Context::from_waker(&waker);
+        let (mut io, flusher) = coalesce(Socket::default());
+        let shared = io.0.clone();
+        let mut polls = 0;
+        // Stands for h2's connection future: two frames, each flushed, in one poll.
+        let conn = std::future::poll_fn(|cx| {
+            polls += 1;
+            for frame in [&b"ab"[..], b"cd"] {
+                assert!(Pin::new(&mut io).poll_write(cx, frame).is_ready());
+                assert!(Pin::new(&mut io).poll_flush(cx).is_ready());
+            }
+            if polls == 1 {
+                // Nothing reached the socket inside the poll.
+                assert!(shared.lock().expect("lock").io.writes.is_empty());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        });
+        let mut driven = Box::pin(flushing(conn, flusher));
+        assert!(driven.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            shared.lock().expect("lock").io.writes,
+            vec![b"abcd".to_vec()],
+            "one write when the poll ends"
+        );
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "no extra poll");
+        assert!(driven.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(shared.lock().expect("lock").io.writes.len(), 2);
     }
 
     #[test]

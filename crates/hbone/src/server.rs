@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::coalesce::Coalesce;
+use crate::coalesce::{coalesce, flushing};
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{Forwarded, parse_authority};
@@ -288,29 +288,30 @@ impl Server {
                     addr: remote,
                     source: Arc::new(e),
                 })?;
+            let (io, flusher) = coalesce(tls);
             let conn = config
                 .server_builder()
-                .handshake::<_, Bytes>(Coalesce::new(tls))
+                .handshake::<_, Bytes>(io)
                 .await
                 .map_err(|e| Error::h2(remote, e))?;
-            Ok((peer, conn))
+            Ok((peer, conn, flusher))
         };
-        let (peer, mut conn) = match tokio::time::timeout(config.handshake_timeout, handshake).await
-        {
-            Ok(Ok(established)) => established,
-            Ok(Err(e)) => {
-                warn!(error = %e, "HBONE handshake failed, closing the connection");
-                return Err(e);
-            }
-            Err(_) => {
-                let e = Error::Timeout {
-                    addr: remote,
-                    timeout: config.handshake_timeout,
-                };
-                warn!(error = %e, "HBONE handshake timed out, closing the connection");
-                return Err(e);
-            }
-        };
+        let (peer, mut conn, flusher) =
+            match tokio::time::timeout(config.handshake_timeout, handshake).await {
+                Ok(Ok(established)) => established,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "HBONE handshake failed, closing the connection");
+                    return Err(e);
+                }
+                Err(_) => {
+                    let e = Error::Timeout {
+                        addr: remote,
+                        timeout: config.handshake_timeout,
+                    };
+                    warn!(error = %e, "HBONE handshake timed out, closing the connection");
+                    return Err(e);
+                }
+            };
         debug!(%peer, "HBONE connection accepted");
         // One copy per connection, shared by its tunnels (each used to hold its own).
         let conn_info = Arc::new(ConnInfo {
@@ -320,6 +321,8 @@ impl Server {
         });
 
         let keepalive = keepalive(conn.ping_pong(), config.ping_interval, config.ping_timeout);
+        // Each poll of this task ends by writing out the frames it produced, in one write.
+        flushing(async move {
         let mut keepalive = std::pin::pin!(keepalive);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut draining = false;
@@ -372,6 +375,8 @@ impl Server {
         }
         debug!("HBONE connection closed");
         Ok(())
+        }, flusher)
+        .await
     }
 }
 
