@@ -272,26 +272,26 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Shared<IO> {
 pub struct Flusher<IO>(Weak<Mutex<Coalesce<IO>>>);
 
 impl<IO: AsyncWrite + Unpin> Flusher<IO> {
-    /// From now on each poll of the connection ends with [`Flusher::after_poll`].
-    fn manage(&self) {
+    /// Runs `f` on the adapter, unless h2 has dropped the connection.
+    fn with(&self, f: impl FnOnce(&mut Coalesce<IO>)) {
         if let Some(shared) = self.0.upgrade() {
-            shared
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .managed = true;
+            f(&mut shared.lock().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
+    /// From now on each poll of the connection ends with [`Flusher::after_poll`].
+    fn manage(&self) {
+        self.with(|c| c.managed = true);
+    }
+
     fn after_poll(&self, cx: &mut Context<'_>) {
-        let Some(shared) = self.0.upgrade() else {
-            return;
-        };
-        let mut c = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        if c.pending() > 0
-            && let Poll::Ready(Err(e)) = c.poll_drain(cx)
-        {
-            c.error = Some(e);
-        }
+        self.with(|c| {
+            if c.pending() > 0
+                && let Poll::Ready(Err(e)) = c.poll_drain(cx)
+            {
+                c.error = Some(e);
+            }
+        });
     }
 }
 

@@ -15,11 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::coalesce::{coalesce, flushing};
+use crate::coalesce::{self, coalesce, flushing};
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{Forwarded, parse_authority};
-use crate::keepalive::keepalive;
+use crate::keepalive::{KeepaliveFailure, keepalive};
 use crate::tunnel::{ConnInfo, Tunnel, TunnelInfo};
 
 /// Decides what to do with each CONNECT. Called on its own task per stream; it must answer
@@ -322,62 +322,76 @@ impl Server {
 
         let keepalive = keepalive(conn.ping_pong(), config.ping_interval, config.ping_timeout);
         // Each poll of this task ends by writing out the frames it produced, in one write.
-        flushing(async move {
-        let mut keepalive = std::pin::pin!(keepalive);
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut draining = false;
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown, if !draining => {
-                    debug!("draining: GOAWAY sent, waiting for in-flight streams");
-                    conn.graceful_shutdown();
-                    draining = true;
-                }
-                failure = &mut keepalive => {
-                    warn!(%remote, %failure, "HBONE client unresponsive, dropping the connection");
-                    return Ok(());
-                }
-                next = conn.accept() => match next {
-                    // Every stream finished after GOAWAY, or the client closed.
-                    None => break,
-                    Some(Ok((request, respond))) => {
-                        let stream = StreamContext {
-                            conn: conn_info.clone(),
-                        };
-                        let span = tracing::debug_span!("connect", stream = u32::from(respond.stream_id()));
-                        // Only the handler's future outlives the request's parsing: this task
-                        // lives as long as the tunnel, and ten thousand idle tunnels add up.
-                        // Boxed until the handler takes it, so the task does not hold it
-                        // twice; the box is freed as it is emptied (inner block), not when
-                        // the task ends, which would pin its allocation for the tunnel's life.
-                        if let Some(connect) = stream.connect(request, respond).map(Box::new) {
-                            let handler = handler.clone();
-                            tokio::spawn(
-                                async move {
-                                    handler
-                                        .handle({
-                                            let boxed = connect;
-                                            *boxed
-                                        })
-                                        .await
-                                }
-                                .instrument(span),
-                            );
-                        }
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "HBONE connection ended with an error");
-                        return Err(Error::h2(remote, e));
-                    }
-                },
-            }
-        }
-        debug!("HBONE connection closed");
-        Ok(())
-        }, flusher)
-        .await
+        let streams = serve_streams(conn, conn_info, handler, keepalive, shutdown);
+        flushing(streams, flusher).await
     }
+}
+
+type ServerConnection =
+    h2::server::Connection<coalesce::Shared<tokio_rustls::server::TlsStream<TcpStream>>, Bytes>;
+
+/// Accepts a connection's CONNECT streams and hands each to `handler`, until the client closes,
+/// fails its keepalive, or the connection has drained after `shutdown`.
+async fn serve_streams<H: Handler>(
+    mut conn: ServerConnection,
+    conn_info: Arc<ConnInfo>,
+    handler: Arc<H>,
+    keepalive: impl Future<Output = KeepaliveFailure>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let remote = conn_info.peer_addr;
+    let mut keepalive = std::pin::pin!(keepalive);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown, if !draining => {
+                debug!("draining: GOAWAY sent, waiting for in-flight streams");
+                conn.graceful_shutdown();
+                draining = true;
+            }
+            failure = &mut keepalive => {
+                warn!(%remote, %failure, "HBONE client unresponsive, dropping the connection");
+                return Ok(());
+            }
+            next = conn.accept() => match next {
+                // Every stream finished after GOAWAY, or the client closed.
+                None => break,
+                Some(Ok((request, respond))) => {
+                    let stream = StreamContext {
+                        conn: conn_info.clone(),
+                    };
+                    let span = tracing::debug_span!("connect", stream = u32::from(respond.stream_id()));
+                    // Only the handler's future outlives the request's parsing: this task
+                    // lives as long as the tunnel, and ten thousand idle tunnels add up.
+                    // Boxed until the handler takes it, so the task does not hold it
+                    // twice; the box is freed as it is emptied (inner block), not when
+                    // the task ends, which would pin its allocation for the tunnel's life.
+                    if let Some(connect) = stream.connect(request, respond).map(Box::new) {
+                        let handler = handler.clone();
+                        tokio::spawn(
+                            async move {
+                                handler
+                                    .handle({
+                                        let boxed = connect;
+                                        *boxed
+                                    })
+                                    .await
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "HBONE connection ended with an error");
+                    return Err(Error::h2(remote, e));
+                }
+            },
+        }
+    }
+    debug!("HBONE connection closed");
+    Ok(())
 }
 
 struct StreamContext {
