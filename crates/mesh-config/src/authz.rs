@@ -177,9 +177,51 @@ pub struct OperationMatch {
     pub not_methods: Vec<StrPattern>,
     pub paths: Vec<StrPattern>,
     pub not_paths: Vec<StrPattern>,
+    /// `methods` as a bit set ([`method_bit`]) when all of them are exact standard methods:
+    /// a request's method is then one bit test instead of a string compare per pattern (a
+    /// waypoint runs every rule of every policy on every request). `None`: use `methods`.
+    #[serde(skip)]
+    pub method_set: Option<u16>,
+}
+
+/// Standard HTTP methods as bits (methods match case-sensitively, as in Istio).
+fn method_bit(m: &str) -> Option<u16> {
+    let i = match m {
+        "GET" => 0,
+        "HEAD" => 1,
+        "POST" => 2,
+        "PUT" => 3,
+        "DELETE" => 4,
+        "PATCH" => 5,
+        "OPTIONS" => 6,
+        "CONNECT" => 7,
+        "TRACE" => 8,
+        _ => return None,
+    };
+    Some(1 << i)
+}
+
+/// The bit set of `methods`, when every pattern is an exact standard method.
+fn method_set(methods: &[StrPattern]) -> Option<u16> {
+    if methods.is_empty() {
+        return None;
+    }
+    methods.iter().try_fold(0, |set, p| match p {
+        StrPattern::Exact(m) => method_bit(m).map(|b| set | b),
+        _ => None,
+    })
 }
 
 impl OperationMatch {
+    /// Whether `method` is one of `methods` (non-empty).
+    fn method_matches(&self, method: &str) -> bool {
+        match self.method_set {
+            // A method outside the standard set cannot equal a standard one.
+            Some(set) => method_bit(method).is_some_and(|b| set & b != 0),
+            None => any_pat(&self.methods, Some(method)),
+        }
+    }
+
     fn needs_http(&self) -> bool {
         !(self.methods.is_empty()
             && self.not_methods.is_empty()
@@ -398,7 +440,7 @@ impl OperationMatch {
             Some(h) => {
                 (self.hosts.is_empty() || self.hosts.iter().any(|p| p.matches_ci(h.host)))
                     && !self.not_hosts.iter().any(|p| p.matches_ci(h.host))
-                    && (self.methods.is_empty() || any_pat(&self.methods, Some(h.method)))
+                    && (self.methods.is_empty() || self.method_matches(h.method))
                     && !any_pat(&self.not_methods, Some(h.method))
                     && (self.paths.is_empty() || any_pat(&self.paths, Some(h.path)))
                     && !any_pat(&self.not_paths, Some(h.path))
@@ -618,12 +660,14 @@ fn ports(v: &[crate::model::IntOrString], path: &str, e: &mut ObjErrors<'_>) -> 
 }
 
 fn operation(o: &m::Operation, path: &str, e: &mut ObjErrors<'_>) -> OperationMatch {
+    let methods = pats(&o.methods);
     OperationMatch {
         hosts: pats(&o.hosts),
         not_hosts: pats(&o.not_hosts),
         ports: ports(&o.ports, &format!("{path}.ports"), e),
         not_ports: ports(&o.not_ports, &format!("{path}.notPorts"), e),
-        methods: pats(&o.methods),
+        method_set: method_set(&methods),
+        methods,
         not_methods: pats(&o.not_methods),
         paths: pats(&o.paths),
         not_paths: pats(&o.not_paths),
@@ -690,6 +734,47 @@ fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Cond
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_bit_sets_agree_with_the_patterns() {
+        // (patterns, request method, matches, compiled to a bit set)
+        let cases: &[(&[&str], &str, bool, bool)] = &[
+            (&["GET"], "GET", true, true),
+            (&["POST", "PUT"], "GET", false, true),
+            (&["POST", "PUT"], "PUT", true, true),
+            (
+                &["DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "HEAD"],
+                "TRACE",
+                true,
+                true,
+            ),
+            // Case-sensitive, as Istio.
+            (&["GET"], "get", false, true),
+            // A non-standard request method never equals a standard pattern.
+            (&["GET", "POST"], "PURGE", false, true),
+            // Non-standard or wildcard patterns keep the string match.
+            (&["PURGE"], "PURGE", true, false),
+            (&["GET", "PURGE"], "GET", true, false),
+            (&["G*"], "GET", true, false),
+            (&["*"], "PATCH", true, false),
+        ];
+        for (patterns, method, want, compiled) in cases {
+            let methods: Vec<StrPattern> = patterns.iter().map(|p| StrPattern::parse(p)).collect();
+            let op = OperationMatch {
+                method_set: method_set(&methods),
+                methods: methods.clone(),
+                ..Default::default()
+            };
+            assert_eq!(op.method_set.is_some(), *compiled, "{patterns:?}");
+            assert_eq!(op.method_matches(method), *want, "{patterns:?} vs {method}");
+            assert_eq!(
+                op.method_matches(method),
+                any_pat(&methods, Some(method)),
+                "{patterns:?} vs {method}: the bit set decides as the patterns do"
+            );
+        }
+        assert_eq!(method_set(&[]), None);
+    }
     use crate::error::SourceRef;
 
     /// How `when` string values were matched before they were pre-parsed (parsing the
