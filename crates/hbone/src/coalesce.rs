@@ -146,16 +146,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(e) = this.take_error() {
-            return e;
-        }
-        if !ready!(this.poll_room(cx, data.len()))? {
-            return Pin::new(&mut this.io).poll_write(cx, data);
-        }
-        this.gather(data.len());
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        // One path for both: a single slice is a vectored write of one.
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
