@@ -33,4 +33,4 @@ pub mod sniff;
 pub mod upstream;
 
 pub use options::Options;
-pub use proxy::{Proxy, RunError, run};
+pub use proxy::{Proxy, RunError, run, worker_runtime};

@@ -163,10 +163,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // The main thread is worker 0 (and runs admin, config reloads and the Kubernetes watches);
     // the others start their own runtimes (see `Options::workers`).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let runtime = waypoint::worker_runtime().context("starting the tokio runtime")?;
     runtime.block_on(waypoint::run(opts, shutdown_signal()))?;
     Ok(())
 }
