@@ -59,6 +59,10 @@ struct Args {
     /// requests leave one by one instead of in a burst per event-loop pass.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
+    /// I/O events taken per event-loop poll (tokio's `max_io_events_per_tick`); the waypoint's
+    /// workers take [`waypoint::proxy::IO_EVENTS_PER_TICK`]. Default: tokio's (1,024).
+    #[arg(long)]
+    io_events_per_tick: Option<usize>,
 }
 
 struct Route {
@@ -124,15 +128,19 @@ fn main() -> anyhow::Result<()> {
     let routes = parse_routes(&args)?;
     // One thread, like one waypoint worker: the relay shares the bench's two cores with the
     // waypoint, and a single-threaded runtime spends less of them on cross-thread wake-ups.
-    let runtime = match args.worker_threads {
-        0 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
+    let mut builder = match args.worker_threads {
+        0 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
     };
+    if let Some(n) = args.io_events_per_tick {
+        anyhow::ensure!(n > 0, "--io-events-per-tick must be at least 1");
+        builder.max_io_events_per_tick(n);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async move {
         let ca = Arc::new(CertificateAuthority::load_dir(&args.ca_dir).with_context(|| format!("CA in {}", args.ca_dir.display()))?);
         let ids = IdentityManager::new(ca.clone(), ca.trust_bundle(), Duration::from_secs(24 * 3600));
