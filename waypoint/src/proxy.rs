@@ -84,14 +84,13 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-/// The server for HTTP inside tunnels: HTTP/1.1 keep-alive or HTTP/2 prior knowledge.
 /// At most this many I/O readiness events are taken per poll of a worker's event loop.
 ///
 /// tokio's default (1,024) takes every ready socket at once. When the 64 upstream responses of
 /// a burst are ready together, their tasks all run before the HBONE connection's task (which
 /// the first of them wakes) gets its turn, so the whole burst leaves in one write at the end:
 /// the client's ztunnel sits idle until then, then the waypoint sits idle while the client
-/// turns the burst around (`scripts/bench-waypoint` saw the server core 14 % idle in 1-5 ms
+/// turns the burst around (`scripts/bench-waypoint` saw the server core 13 % idle in 1-5 ms
 /// gaps with the client core 60 % idle). Taking 16 at a time lets the HBONE connection flush
 /// every 16 responses, so both sides work at once; it costs one more `epoll_wait` per 16
 /// events. A/B in one bench run (req/s, CPU/request, p99 against the default): 8 events
@@ -107,6 +106,7 @@ pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The server for HTTP inside tunnels: HTTP/1.1 keep-alive or HTTP/2 prior knowledge.
 fn http_server() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).keep_alive(true);

@@ -59,8 +59,8 @@ struct Args {
     /// requests leave one by one instead of in a burst per event-loop pass.
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
-    /// I/O events taken per event-loop poll (tokio's `max_io_events_per_tick`); the waypoint's
-    /// workers take [`waypoint::proxy::IO_EVENTS_PER_TICK`]. Default: tokio's (1,024).
+    /// I/O events taken per event-loop poll (tokio's max_io_events_per_tick; the waypoint's
+    /// workers take 16, see waypoint::proxy::IO_EVENTS_PER_TICK). Default: tokio's, 1,024.
     #[arg(long)]
     io_events_per_tick: Option<usize>,
 }
