@@ -72,9 +72,14 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--size-mib" => a.size = it.next().and_then(|v| v.parse().ok()).unwrap_or(128) * MIB,
-            "--reps" => a.reps = it.next().and_then(|v| v.parse().ok()).unwrap_or(31),
-            "--pings" => a.pings = it.next().and_then(|v| v.parse().ok()).unwrap_or(20_000),
+            "--size-mib" => {
+                a.size = it
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map_or(a.size, |m| m * MIB)
+            }
+            "--reps" => a.reps = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.reps),
+            "--pings" => a.pings = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.pings),
             "--no-sweep" => a.sweep = false,
             "--glibc-default" => a.tune_malloc = false,
             "--shared-runtime" => a.shared_runtime = true,

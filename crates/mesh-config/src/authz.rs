@@ -734,6 +734,7 @@ fn condition(c: &m::Condition, path: &str, e: &mut ObjErrors<'_>) -> Option<Cond
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::SourceRef;
 
     #[test]
     fn method_bit_sets_agree_with_the_patterns() {
@@ -775,7 +776,6 @@ mod tests {
         }
         assert_eq!(method_set(&[]), None);
     }
-    use crate::error::SourceRef;
 
     /// How `when` string values were matched before they were pre-parsed (parsing the
     /// pattern on every request): the reference the compiled form must agree with.
