@@ -603,8 +603,8 @@ async fn an_older_istio_is_read_at_v1beta1() {
     let routes = snap.routes_for_host("www.aliyun.com").expect("routes");
     assert!(format!("{routes:?}").contains("5s"), "{routes:?}");
     let authz = snap.authz_for_service(se);
-    assert_eq!(authz.deny.len(), 1, "{authz:?}");
-    assert_eq!(authz.deny[0].name.name, "no-delete");
+    assert_eq!(authz.deny().len(), 1, "{authz:?}");
+    assert_eq!(authz.deny()[0].name.name, "no-delete");
 
     // Which version is in use is visible, and v1 was never listed.
     let m = handle.metrics();

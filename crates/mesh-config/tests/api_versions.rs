@@ -61,7 +61,7 @@ fn compiled(networking: &str, security: &str) -> serde_json::Value {
     let se = snap
         .service_by_host("www.aliyun.com")
         .expect("ServiceEntry");
-    assert_eq!(snap.authz_for_service(se).deny.len(), 1);
+    assert_eq!(snap.authz_for_service(se).deny().len(), 1);
     assert!(snap.routes_for_host("www.aliyun.com").is_some());
     assert!(snap.destination_policy("www.aliyun.com").is_some());
     serde_json::to_value(&snap).expect("snapshot serializes")

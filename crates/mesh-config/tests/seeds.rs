@@ -171,7 +171,7 @@ fn seed_003_example1_http() {
         assert!(
             matches!(&svc.waypoint, WaypointBinding::Unresolved { gateway, .. } if gateway.name == "egressgateway-a")
         );
-        assert!(!s.authz_for_service(svc).allow.is_empty());
+        assert!(!s.authz_for_service(svc).allow().is_empty());
     }
 }
 

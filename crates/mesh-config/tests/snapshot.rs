@@ -659,10 +659,13 @@ status: {podIP: 10.1.1.3}
 "#;
     let s = must(&[("p.yaml", cfg)]);
     let gw = s.authz_for_waypoint(&NamespacedName::new("istio-egress", "waypoint"));
-    assert_eq!((gw.deny.len(), gw.audit.len(), gw.allow.len()), (1, 1, 0));
+    assert_eq!(
+        (gw.deny().len(), gw.audit().len(), gw.allow().len()),
+        (1, 1, 0)
+    );
     let svc = s.service_by_host("aliyun.com").unwrap();
     let se = s.authz_for_service(svc);
-    assert_eq!(se.allow.len(), 1);
+    assert_eq!(se.allow().len(), 1);
     let h = http::HeaderMap::new();
     let principals: Vec<String> = ["default", "prod"]
         .iter()
@@ -693,7 +696,7 @@ status: {podIP: 10.1.1.3}
     let counts = |ipa: &str| {
         let w = s.workload_by_ip(ip(ipa)).unwrap();
         let a = s.authz_for_workload(w);
-        (a.allow.len(), a.deny.len())
+        (a.allow().len(), a.deny().len())
     };
     assert_eq!(
         counts("10.1.1.1"),
