@@ -15,42 +15,65 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 
+/// The fixed hop-by-hop names; `TE` is handled apart (`te: trailers` survives).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
 /// Removes connection-specific headers (RFC 9110 §7.6.1), including those named by
 /// `Connection`. `te: trailers` survives (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names present rather than a hash lookup per hop-by-hop name (this runs
+    // twice per request): most messages carry none, or only `connection: keep-alive`.
+    let (mut present, mut te) = (0u8, false);
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+        te |= k == TE;
     }
-    // Names, not strings: a string is parsed into a name on every call.
-    const FIXED: [HeaderName; 4] = [
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-    ];
-    for name in FIXED {
-        headers.remove(name);
+    if present != 0 {
+        // Headers `Connection` names, matched against the names present (no parsing and no
+        // allocation for a named header that is absent, like `keep-alive` usually is).
+        let named: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| {
+                headers
+                    .get_all(CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .any(|n| n.trim().eq_ignore_ascii_case(k.as_str()))
+            })
+            .cloned()
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
     }
-    headers.remove(CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
-    let te_trailers = headers
-        .get(TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(TE);
-    if te_trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
+    if te {
+        let te_trailers = headers
+            .get(TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        headers.remove(TE);
+        if te_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -184,25 +207,68 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers, deflate"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "h2c"),
-            ("x-kept", "yes"),
-        ] {
-            h.append(k, v.parse().expect("value"));
+        // (headers in, headers left, sorted)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
+            (
+                &[
+                    ("connection", "keep-alive, x-secret"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-secret", "1"),
+                    ("te", "trailers, deflate"),
+                    ("transfer-encoding", "chunked"),
+                    ("upgrade", "h2c"),
+                    ("x-kept", "yes"),
+                ],
+                &["te: trailers", "x-kept: yes"],
+            ),
+            // None present: untouched.
+            (
+                &[("host", "a"), ("x-kept", "yes")],
+                &["host: a", "x-kept: yes"],
+            ),
+            // The usual response: `connection: keep-alive`, no keep-alive header.
+            (
+                &[("server", "nginx"), ("connection", "keep-alive")],
+                &["server: nginx"],
+            ),
+            // Names in `Connection` match case-insensitively, across repeated headers.
+            (
+                &[
+                    ("connection", "X-Secret"),
+                    ("connection", " x-other ,close"),
+                    ("x-secret", "1"),
+                    ("x-other", "2"),
+                    ("x-kept", "yes"),
+                ],
+                &["x-kept: yes"],
+            ),
+            (
+                &[
+                    ("proxy-connection", "keep-alive"),
+                    ("proxy-authorization", "Basic x"),
+                    ("proxy-authenticate", "Basic"),
+                    ("x-kept", "yes"),
+                ],
+                &["x-kept: yes"],
+            ),
+            // `te` without `trailers` goes; with it, only `trailers` stays.
+            (&[("te", "deflate"), ("x-kept", "yes")], &["x-kept: yes"]),
+            (&[("te", "Trailers")], &["te: trailers"]),
+        ];
+        for (input, want) in cases {
+            let mut h = HeaderMap::new();
+            for (k, v) in *input {
+                h.append(*k, v.parse().expect("value"));
+            }
+            remove_hop_by_hop(&mut h);
+            let mut left: Vec<_> = h
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("")))
+                .collect();
+            left.sort();
+            assert_eq!(left, *want, "{input:?}");
         }
-        remove_hop_by_hop(&mut h);
-        let mut left: Vec<_> = h
-            .iter()
-            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("")))
-            .collect();
-        left.sort();
-        assert_eq!(left, vec!["te: trailers", "x-kept: yes"]);
     }
 
     #[test]
