@@ -947,6 +947,10 @@ mod tests {
             "{from: [{source: {notPrincipals: [cluster.local/ns/default/sa/sleep]}}]}",
             "{from: [{source: {namespaces: [default]}}, {source: {principals: [cluster.local/ns/a/sa/x]}}]}",
             "{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}], to: [{operation: {methods: [DELETE]}}]}",
+            "{from: [{source: {serviceAccounts: [default/sleep]}}]}",
+            "{from: [{source: {principals: [cluster.local/ns/a/sa/x, cluster.local/ns/default/*]}}]}",
+            "{from: [{source: {principals: [cluster.local/ns/a/sa/x]}}, {source: {principals: ['*/sa/sleep']}}]}",
+            "{to: [{operation: {methods: [GET], notMethods: [POST]}}, {operation: {notMethods: [DELETE]}}]}",
         ];
         let principals = [
             None,
@@ -1030,6 +1034,52 @@ mod tests {
             !f(rules[12]).admits(sleep_get),
             "right principal, wrong method"
         );
+    }
+
+    #[test]
+    fn filtered_evaluation_reports_the_first_matching_deny_policy() {
+        // The first DENY policy's rules are all filtered out (wrong method, other principal),
+        // the second's match: its name is the one reported, from the second set too, and an
+        // ALLOW set whose rules are all filtered out denies with no policy named.
+        let deny =
+            |name: &str, rules: &str| policy("ns", name, &format!("action: DENY\nrules: {rules}"));
+        let skipped = deny(
+            "skipped",
+            "[{to: [{operation: {methods: [POST]}}]}, {from: [{source: {principals: [cluster.local/ns/a/sa/x]}}]}]",
+        );
+        let hit = deny(
+            "hit",
+            "[{to: [{operation: {methods: [PUT]}}]}, {to: [{operation: {paths: [/x]}}]}]",
+        );
+        let later = deny("later", "[{}]");
+        let headers = http::HeaderMap::new();
+        let a = RequestAttrs {
+            source_principal: Some(SLEEP),
+            http: Some(HttpAttrs {
+                host: "h",
+                method: "GET",
+                path: "/x",
+                headers: &headers,
+            }),
+            ..Default::default()
+        };
+        let named = |n: &str| Decision::Deny {
+            policy: Some(NamespacedName::new("ns", n)),
+        };
+        let first = set(&[skipped.clone()]);
+        let second = set(&[hit.clone(), later]);
+        assert_eq!(evaluate_all(&[&first, &second], &a), named("hit"));
+        assert_eq!(set(&[skipped, hit]).evaluate(&a), named("hit"));
+        let allow_none = set(&[policy(
+            "ns",
+            "allow-post",
+            "action: ALLOW\nrules: [{to: [{operation: {methods: [POST]}}]}]",
+        )]);
+        assert_eq!(
+            evaluate_all(&[&first, &allow_none], &a),
+            Decision::Deny { policy: None }
+        );
+        assert_eq!(evaluate_all(&[&first], &a), Decision::Allow);
     }
 
     /// How `when` string values were matched before they were pre-parsed (parsing the
