@@ -1066,7 +1066,7 @@ mod tests {
         let named = |n: &str| Decision::Deny {
             policy: Some(NamespacedName::new("ns", n)),
         };
-        let first = set(&[skipped.clone()]);
+        let first = set(std::slice::from_ref(&skipped));
         let second = set(&[hit.clone(), later]);
         assert_eq!(evaluate_all(&[&first, &second], &a), named("hit"));
         assert_eq!(set(&[skipped, hit]).evaluate(&a), named("hit"));
