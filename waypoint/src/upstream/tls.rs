@@ -127,10 +127,28 @@ impl TlsError {
     }
 }
 
+/// rustls's default suites, AES-128-GCM first within each TLS version, as Envoy originates TLS:
+/// BoringSSL offers TLS 1.3's AES-128-GCM first on hardware with AES instructions, and Envoy's
+/// default TLS 1.2 client list starts with the AES-128 suites. It is also the cheaper cipher
+/// here (~20 % per byte with AES-NI), for the waypoint and for the upstream that decrypts it.
 fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(aws_lc_rs::default_provider()))
+        .get_or_init(|| {
+            let mut p = aws_lc_rs::default_provider();
+            // Stable: the version groups and the rest of rustls's order stay as they are.
+            p.cipher_suites.sort_by_key(|s| {
+                let tls13 = matches!(s, rustls::SupportedCipherSuite::Tls13(_));
+                let aes128 = matches!(
+                    s.suite(),
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                );
+                (!tls13, !aes128)
+            });
+            Arc::new(p)
+        })
         .clone()
 }
 
@@ -510,6 +528,63 @@ mod tests {
         let config = TlsCache::new().config(spec)?;
         let tcp = TcpStream::connect(addr).await.expect("connect");
         handshake(config, &spec.sni, tcp).await.map(drop)
+    }
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_in_each_tls_version() {
+        use rustls::CipherSuite as C;
+        let ours: Vec<C> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut default: Vec<C> = aws_lc_rs::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], C::TLS13_AES_128_GCM_SHA256, "{ours:?}");
+        let tls12 = ours
+            .iter()
+            .position(|s| {
+                !matches!(
+                    s,
+                    C::TLS13_AES_128_GCM_SHA256
+                        | C::TLS13_AES_256_GCM_SHA384
+                        | C::TLS13_CHACHA20_POLY1305_SHA256
+                )
+            })
+            .expect("TLS 1.2 suites");
+        assert!(
+            matches!(
+                ours[tls12],
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                    | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            ),
+            "{ours:?}"
+        );
+        // A reordering of rustls's defaults: nothing added, nothing dropped.
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        default.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, default);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_following_the_client_order_negotiates_aes_128_gcm() {
+        let (pki, server) = pki(&["aliyun.com"]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        tokio::spawn(async move {
+            if let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let spec = spec(&pki, "aliyun.com", &[], false);
+        let config = TlsCache::new().config(&spec).expect("config");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let tls = handshake(config, &spec.sni, tcp).await.expect("handshake");
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
     }
 
     #[tokio::test]
