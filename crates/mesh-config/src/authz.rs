@@ -318,9 +318,9 @@ pub struct Policy {
 /// A waypoint runs every rule of every policy on every request, and in a large set most rules
 /// fail on the method or the principal. [`AuthzPolicies`] keeps these two facts for all its
 /// DENY and ALLOW rules in one array, so the evaluation skips such rules without touching the
-/// policies and the rules' own vectors (on a busy proxy, each a cache miss). A filter may pass a rule that then does not
-/// match (a principal hash collision, or conditions it does not track); it never fails a rule
-/// that would match.
+/// policies and the rules' own vectors (on a busy proxy, each a cache miss). A filter may pass
+/// a rule that then does not match (a principal hash collision, or conditions it does not
+/// track); it never fails a rule that would match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RuleFilter {
     /// Method bits ([`method_bit`], [`OTHER_METHOD`]) a request may have; [`ANY_METHOD`] when
@@ -366,13 +366,10 @@ impl RuleFilter {
         let methods = if rule.to.is_empty() {
             ANY_METHOD
         } else {
-            rule.to.iter().fold(0, |acc, o| {
-                acc | if o.methods.is_empty() {
-                    ANY_METHOD
-                } else {
-                    o.method_set.unwrap_or(ANY_METHOD)
-                }
-            })
+            // `method_set` is `None` for no methods or non-standard ones: any method then.
+            rule.to
+                .iter()
+                .fold(0, |acc, o| acc | o.method_set.unwrap_or(ANY_METHOD))
         };
         RuleFilter {
             methods,
